@@ -1,0 +1,183 @@
+"""The configuration schema: one ConfigDict with `model`, `data`, `train`, `eval` sections.
+
+Experiment files under `configs/` start from `default_config()` and change fields; the command
+line overrides any field (`--config.train.steps=20`). Defaults are torchvision's
+`maskrcnn_resnet50_fpn` (v1, COCO) so that converted torchvision weights reproduce their source.
+
+Fields whose meaning depends on a reference implementation name it:
+    * `model.semantics`: 'torchvision' (RoIAlign aligned=False, rounded anchors with
+        stride = padded size // feature size, FrozenBN eps 0 for the v1 weights) or 'detectron2'
+        (aligned=True, exact anchors with fixed strides).
+    * `data.resize_rule`: 'torchvision' floors the resized size, 'detectron2' rounds it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# torchvision normalizes x/255 with ImageNet statistics; we keep them in [0, 1] units and say so.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.semantics = 'torchvision'            # or 'detectron2'
+    m.num_classes = 91                     # including background (index 0)
+    m.mask_on = True                       # False: Faster R-CNN (box only)
+    m.dtype = 'float32'                    # compute dtype of convs/FCs: 'float32' or 'bfloat16'
+
+    b = m.backbone = ml_collections.ConfigDict()
+    b.depth = 50                           # 18, 34 (basic blocks), 50, 101, 152 (bottleneck)
+    b.width = 64                           # stem / first-stage width; narrow (e.g. 16) for tests
+    b.groups = 1                           # ResNeXt: 32
+    b.width_per_group = 64                 # ResNeXt: 4 or 8
+    b.stride_in_1x1 = False                # torchvision: stride in the 3x3; Detectron2 (MSRA): 1x1
+    b.norm = 'frozen_bn'                   # 'frozen_bn' (pretrained weights) or 'gn' (from scratch)
+    b.norm_eps = 0.0                       # FrozenBN eps; torchvision v1 COCO weights use 0
+    b.frozen_stages = 2                    # 0: nothing, 1: stem, k: stem + res2..res(k)  (tv: 3 trainable)
+
+    f = m.fpn = ml_collections.ConfigDict()
+    f.channels = 256
+
+    a = m.anchors = ml_collections.ConfigDict()
+    a.sizes = (32, 64, 128, 256, 512)      # one size per level P2..P6
+    a.aspect_ratios = (0.5, 1.0, 2.0)      # h / w
+
+    r = m.rpn = ml_collections.ConfigDict()
+    r.pre_nms_topk_train = 2000            # per level
+    r.pre_nms_topk_test = 1000
+    r.post_nms_topk_train = 2000           # per image
+    r.post_nms_topk_test = 1000
+    r.nms_thresh = 0.7
+    r.min_size = 1e-3
+    r.fg_iou_thresh = 0.7
+    r.bg_iou_thresh = 0.3
+    r.batch_size_per_image = 256
+    r.positive_fraction = 0.5
+    r.loss_type = 'smooth_l1'              # torchvision: smooth L1 beta 1/9; detectron2: 'l1'
+    r.smooth_l1_beta = 1.0 / 9.0
+
+    h = m.roi = ml_collections.ConfigDict()
+    h.fg_iou_thresh = 0.5
+    h.bg_iou_thresh = 0.5
+    h.batch_size_per_image = 512
+    h.positive_fraction = 0.25
+    h.box_weights = (10.0, 10.0, 5.0, 5.0)
+    h.box_pool_size = 7
+    h.mask_pool_size = 14
+    h.sampling_ratio = 2                   # <= 0: adaptive ceil(roi_size / pool_size)
+    h.max_sampling_ratio = 8               # static bound when adaptive
+    h.canonical_scale = 224
+    h.canonical_level = 4
+    h.roi_align_method = 'gather'          # or 'einsum'
+    h.fc_dim = 1024
+    h.mask_head_convs = 4
+    h.mask_head_channels = 256
+    h.mask_resolution = 28
+    h.max_mask_rois = 128                  # positives per image carried to the mask loss
+    h.score_thresh = 0.05
+    h.nms_thresh = 0.5
+    h.detections_per_img = 100
+    h.pre_nms_candidates = 4096            # (proposal, class) pairs entering per-class NMS
+    h.min_size = 1e-2
+    h.box_loss_type = 'smooth_l1'          # torchvision: smooth L1 beta 1/9; detectron2: 'l1'
+    h.smooth_l1_beta = 1.0 / 9.0
+    h.soft_mask_targets = False
+
+    m.size_divisible = 32
+    # Zero activations outside each image's `size_divisible`-padded region before every spatial
+    # op, so an image on a larger static canvas computes exactly what torchvision computes on its
+    # own padded tensor (see models/mask_rcnn.py).
+    m.mask_padding = True
+    return m
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Input pipeline (mrcnn_jax/data/pipeline.py documents the example order and bucket rule)."""
+    d = ml_collections.ConfigDict()
+    d.source = 'coco_json'                 # 'coco_json' | 'tfrecord' | 'tfds' | 'synthetic'
+    d.train_annotations = ''
+    d.train_images = ''
+    d.train_tfrecords = ''                 # file pattern of `data to-tfrecord` shards
+    d.val_annotations = ''
+    d.val_images = ''
+    d.val_tfrecords = ''
+    d.tfds_name = 'coco/2017'
+    d.tfds_data_dir = ''
+    d.tfds_train_split = 'train'
+    d.tfds_val_split = 'validation'
+    d.synthetic_dir = ''                   # where the synthetic dataset is generated when missing
+                                           # ('': ~/.cache/mrcnn_jax/synthetic/<parameters>)
+    d.synthetic_num_train = 300
+    d.synthetic_num_val = 50
+    d.synthetic_image_size = 256
+    d.synthetic_seed = 0                   # the dataset's seed (independent of the training seed)
+    d.strict = False                       # coco_json: a bad image/annotation raises, not skipped
+    d.canvas = (1344, 1344)                # training canvas (H, W); or use `buckets`
+    d.buckets = ()                         # e.g. ((832, 1344), (1344, 832)), chosen per global batch
+    d.bucket_weights = ()                  # probability of each bucket per step; () uniform
+    d.min_size = (800,)                    # several values: multi-scale training
+    d.max_size = 1333
+    d.resize_rule = 'torchvision'          # 'torchvision' (floor) | 'detectron2' (round)
+    d.resize_antialias = False             # torchvision: False; Detectron2 resizes with PIL
+                                           # (antialiased when shrinking): True is closer
+    d.channel_order = 'RGB'                # 'BGR' for Detectron2 MSRA weights
+    d.pixel_scale = 1.0 / 255.0            # torchvision works on [0, 1] images; Detectron2 on [0, 255]
+    d.pixel_mean = IMAGENET_MEAN           # in units after pixel_scale
+    d.pixel_std = IMAGENET_STD
+    d.flip_prob = 0.5
+    d.max_instances = 100
+    d.mask_size = 112
+    d.class_index = 'contiguous'           # gt_classes 1..K by sorted category id; 'category_id':
+                                           # the id itself (torchvision's 91-way COCO head)
+    d.keypoints = False
+    d.num_keypoints = 17
+    d.shuffle_buffer = 1000                # tfds only; other sources shuffle all records per epoch
+    d.deterministic = False                # True: tf.data keeps element order (slower)
+    d.num_parallel_calls = -1              # per map stage; -1: AUTOTUNE
+    d.prefetch_batches = -1                # -1: AUTOTUNE
+    d.skip_crowd_only = False              # train split: drop images whose instances are all crowd
+    d.keep_negatives = True                # train split: keep images without annotations
+    return d
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.steps = 90000
+    t.batch_size = 16                      # global batch
+    t.checkpoint_every = 5000
+    t.keep_checkpoints = 3
+    t.log_every = 20
+    t.eval_every = 0                       # 0: only at the end
+    t.base_lr = 0.02
+    t.momentum = 0.9
+    t.weight_decay = 1e-4
+    t.weight_decay_norm_and_bias = True    # torchvision's reference decays everything
+    t.warmup_steps = 1000
+    t.warmup_factor = 1e-3
+    t.decay_steps = (60000, 80000)
+    t.decay_factor = 0.1
+    t.clip_norm = 0.0                      # 0: off
+    t.init_from = ''                       # converted checkpoint dir to initialize (not resume) from
+    t.init_backbone_only = False
+    return t
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.batch_size = 4
+    e.max_images = 0                       # 0: all
+    e.backend = 'pycocotools'              # or 'faster_coco_eval'
+    return e
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = default_model_config()
+    c.data = default_data_config()
+    c.train = default_train_config()
+    c.eval = default_eval_config()
+    c.distributed = False                  # call jax.distributed.initialize() first
+    return c

@@ -1,0 +1,41 @@
+"""Input side: COCO-format data → fixed-shape numpy batches (see docs/DESIGN.md, "Data flow").
+
+Modules, in the order data flows through them:
+    validation   DataError and the SkipLog that counts (or, with strict=True, refuses) bad input
+    images       image files → RGB uint8 / bytes TensorFlow can decode (EXIF, CMYK, 16-bit, ...)
+    coco         COCO instances json → validated per-image records; segmentation → masks
+    metadata     category mapping and dataset facts that travel with a dataset
+    example      one image record as a tf.train.Example (encode without TF, parse with TF)
+    tfrecord     sharded, parallel TFRecord writer; random-access reader by record offset
+    sources      random-access record sources: COCO json + images, TFRecords
+    tfds_adapter tfds 'coco/2017' (boxes only) as a stream of parsed examples
+    transforms   per-example TF ops: flip, resize rule, normalize, pad, GT selection and mask crops
+    pipeline     build_dataset(): sharding, shuffling, batching, iterator state
+    synthetic    a generated shapes dataset in COCO format (demo and tests)
+    ground_truth evaluation images and pycocotools ground truth of a split
+    drawing      batch → annotated PNGs (the `data show` command)
+    cli          `mrcnn-jax data to-tfrecord | show`
+
+`data/` imports no JAX model code; it imports `jax` only for `jax.process_index()`.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+
+def tensorflow_on_cpu() -> types.ModuleType:
+    """Imports TensorFlow with every GPU hidden from it and returns the module.
+
+    tf.data runs on the host; without this, TensorFlow would reserve accelerator memory on a GPU
+    host that JAX needs. Call it before anything else touches TensorFlow devices. In a process that
+    also imports torch, import torch first (importing tensorflow first segfaults with triton).
+    """
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    import tensorflow as tf
+    try:
+        tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # devices already initialized: someone used TF before us; nothing to do
+        pass
+    return tf
