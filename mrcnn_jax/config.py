@@ -83,7 +83,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.min_size = 1e-2
     h.box_loss_type = 'smooth_l1'          # torchvision: smooth L1 beta 1/9; detectron2: 'l1'
     h.smooth_l1_beta = 1.0 / 9.0
-    h.soft_mask_targets = False
+    h.soft_mask_targets = True             # torchvision: soft (roi_align of the 0/1 mask); D2: >= 0.5
 
     m.size_divisible = 32
     # Zero activations outside each image's `size_divisible`-padded region before every spatial
