@@ -56,7 +56,7 @@ def expand_boxes_to_pixels(boxes: np.ndarray, mask_size: int, padding: int = 1) 
     return np.trunc(expanded).astype(np.int64)
 
 
-def _linear_taps(dst: np.ndarray, out_size: np.ndarray,
+def linear_taps(dst: np.ndarray, out_size: np.ndarray,
                  in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The two input taps and weights of bilinear (align_corners=False) resizing in_size -> out_size.
 
@@ -114,8 +114,8 @@ def _paste_chunk(padded: np.ndarray, int_boxes: np.ndarray, image_hw: tuple[int,
     # which torch's kernel rounds. (Gathers rather than `Wy @ mask @ Wx^T` with interpolation
     # matrices: as fast here, and each pixel's value does not depend on the chunk's shapes, as
     # BLAS's blocking would make it.)
-    tx0, tx1, wx0, wx1 = _linear_taps(win_x0[:, None] - x1[:, None] + cols, box_w, p_w)  # [n, max_w]
-    ty0, ty1, wy0, wy1 = _linear_taps(win_y0[:, None] - y1[:, None] + rows, box_h, p_h)  # [n, max_h]
+    tx0, tx1, wx0, wx1 = linear_taps(win_x0[:, None] - x1[:, None] + cols, box_w, p_w)  # [n, max_w]
+    ty0, ty1, wy0, wy1 = linear_taps(win_y0[:, None] - y1[:, None] + rows, box_h, p_h)  # [n, max_h]
     inst = np.arange(n)[:, None]
     columns = padded.transpose(0, 2, 1)  # [n, P(x), P(y)]
     resized_x = columns[inst, tx0] * wx0[:, :, None]

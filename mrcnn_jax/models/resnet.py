@@ -1,0 +1,133 @@
+"""ResNet / ResNeXt backbones (NHWC) returning C2..C5.
+
+Module and parameter names mirror torchvision's (`conv1`, `bn1`, `layer1/block0/conv2`, ...),
+so the converter is a table, not a puzzle. Variants:
+  * stride_in_1x1=False: stride on the 3x3 conv (torchvision "ResNet v1.5");
+    True: stride on the first 1x1 (Detectron2 / MSRA "ResNet v1").
+  * depth 18/34 use basic blocks (for fast tests and CPU training); 50/101/152 bottlenecks.
+  * frozen_stages k: gradients stop after the stem (k >= 1) and after layer1..layer(k-1);
+    the optimizer additionally masks those parameters (training/optimizer.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.models.layers import PaddingMask, conv, make_norm
+
+STAGE_BLOCKS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+}
+
+
+class BasicBlock(nn.Module):
+    planes: int
+    stride: int
+    downsample: bool
+    norm: str
+    norm_eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask: PaddingMask, in_stride: int):
+        out_stride = in_stride * self.stride
+        y = conv(self.planes, 3, self.stride, bias=False, dtype=self.dtype, name='conv1')(mask(x, in_stride))
+        y = nn.relu(make_norm(self.norm, self.norm_eps, self.dtype, 'bn1')(y))
+        y = conv(self.planes, 3, 1, bias=False, dtype=self.dtype, name='conv2')(mask(y, out_stride))
+        y = make_norm(self.norm, self.norm_eps, self.dtype, 'bn2')(y)
+        if self.downsample:
+            x = conv(self.planes, 1, self.stride, bias=False, dtype=self.dtype, name='downsample_conv')(x)
+            x = make_norm(self.norm, self.norm_eps, self.dtype, 'downsample_bn')(x)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    planes: int
+    stride: int
+    downsample: bool
+    norm: str
+    norm_eps: float
+    dtype: Any
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x, mask: PaddingMask, in_stride: int):
+        width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
+        s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
+        y = conv(width, 1, s1, bias=False, dtype=self.dtype, name='conv1')(x)
+        y = nn.relu(make_norm(self.norm, self.norm_eps, self.dtype, 'bn1')(y))
+        y = conv(width, 3, s3, bias=False, dtype=self.dtype, name='conv2', groups=self.groups)(
+            mask(y, in_stride * s1))
+        y = nn.relu(make_norm(self.norm, self.norm_eps, self.dtype, 'bn2')(y))
+        y = conv(self.planes * self.expansion, 1, 1, bias=False, dtype=self.dtype, name='conv3')(y)
+        y = make_norm(self.norm, self.norm_eps, self.dtype, 'bn3')(y)
+        if self.downsample:
+            x = conv(self.planes * self.expansion, 1, self.stride, bias=False, dtype=self.dtype,
+                     name='downsample_conv')(x)
+            x = make_norm(self.norm, self.norm_eps, self.dtype, 'downsample_bn')(x)
+        return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+    """images [B, H, W, 3] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32."""
+    depth: int = 50
+    width: int = 64
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    norm: str = 'frozen_bn'
+    norm_eps: float = 0.0
+    frozen_stages: int = 2
+    dtype: Any = jnp.float32
+
+    @property
+    def out_channels(self) -> list[int]:
+        kind, _ = STAGE_BLOCKS[self.depth]
+        exp = 4 if kind == 'bottleneck' else 1
+        return [self.width * 2 ** i * exp for i in range(4)]
+
+    @nn.compact
+    def __call__(self, x, mask: Optional[PaddingMask] = None):
+        mask = mask or PaddingMask(None)
+        kind, blocks = STAGE_BLOCKS[self.depth]
+        x = x.astype(self.dtype)
+        x = conv(self.width, 7, 2, bias=False, dtype=self.dtype, name='conv1')(mask(x, 1))
+        x = nn.relu(make_norm(self.norm, self.norm_eps, self.dtype, 'bn1')(x))
+        x = nn.max_pool(mask(x, 2), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.frozen_stages >= 1:
+            x = jax.lax.stop_gradient(x)
+        stride = 4
+        in_ch = self.width
+        outs = []
+        for i, n in enumerate(blocks):
+            planes = self.width * 2 ** i
+            for j in range(n):
+                s = 2 if (j == 0 and i > 0) else 1
+                if kind == 'basic':
+                    out_ch = planes
+                    block = BasicBlock(planes, s, j == 0 and (s != 1 or in_ch != out_ch), self.norm,
+                                       self.norm_eps, self.dtype, name=f'layer{i + 1}_{j}')
+                else:
+                    out_ch = planes * 4
+                    block = Bottleneck(planes, s, j == 0 and (s != 1 or in_ch != out_ch), self.norm,
+                                       self.norm_eps, self.dtype, groups=self.groups,
+                                       width_per_group=self.width_per_group,
+                                       stride_in_1x1=self.stride_in_1x1, name=f'layer{i + 1}_{j}')
+                x = block(x, mask, stride)
+                stride *= s
+                in_ch = out_ch
+            if self.frozen_stages >= i + 2:
+                x = jax.lax.stop_gradient(x)
+            outs.append(x)
+        return outs

@@ -1,0 +1,103 @@
+"""Region Proposal Network: the head (a module) and proposal selection (a pure function)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.models.layers import PaddingMask, conv
+from mrcnn_jax.ops import boxes as box_ops
+from mrcnn_jax.ops.nms import nms
+
+_RPN_INIT = nn.initializers.normal(0.01)   # torchvision RPNHead: normal(std=0.01), bias 0
+
+
+class RPNHead(nn.Module):
+    """One 3x3 conv + ReLU, then 1x1 objectness (A) and 1x1 deltas (4A), shared over levels.
+
+    Returns, per level, objectness logits [B, H*W*A] and deltas [B, H*W*A, 4], both float32,
+    ordered (y, x, anchor) like the anchors (torchvision's permute_and_flatten order).
+    """
+    num_anchors: int
+    channels: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, feats: Sequence[jnp.ndarray], mask: Optional[PaddingMask] = None):
+        mask = mask or PaddingMask(None)
+        shared = conv(self.channels, 3, bias=True, dtype=self.dtype, name='conv', kernel_init=_RPN_INIT)
+        cls = conv(self.num_anchors, 1, bias=True, dtype=self.dtype, name='cls_logits', kernel_init=_RPN_INIT)
+        reg = conv(4 * self.num_anchors, 1, bias=True, dtype=self.dtype, name='bbox_pred',
+                   kernel_init=_RPN_INIT)
+        logits, deltas = [], []
+        for i, f in enumerate(feats):
+            t = nn.relu(shared(mask(f, 4 * 2 ** i)))
+            b, h, w, _ = t.shape
+            logits.append(cls(t).astype(jnp.float32).reshape(b, h * w * self.num_anchors))
+            deltas.append(reg(t).astype(jnp.float32).reshape(b, h * w * self.num_anchors, 4))
+        return logits, deltas
+
+
+def select_proposals(
+    objectness: Sequence[jnp.ndarray],
+    deltas: Sequence[jnp.ndarray],
+    anchors: Sequence[jnp.ndarray],
+    anchor_valid: Sequence[jnp.ndarray],
+    image_hw: jnp.ndarray,
+    *,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_thresh: float,
+    min_size: float,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """torchvision's `RegionProposalNetwork.filter_proposals` with static shapes.
+
+    Per level: top `pre_nms_topk` valid anchors by objectness logit, decode (dw/dh clamped at
+    log(1000/16)), clip to the image's valid size, drop boxes with a side < min_size, NMS at
+    `nms_thresh` (fixed-size output). Then the top `post_nms_topk` of all levels by probability.
+
+    objectness: per level [B, N_l] logits; deltas: per level [B, N_l, 4];
+    anchors: per level [B or 1, N_l, 4]; anchor_valid: per level [B or 1, N_l] bool;
+    image_hw: [B, 2] valid (resized) image size.
+    Returns boxes [B, P, 4] float32, scores [B, P] float32 (sigmoid), valid [B, P] bool,
+    P = post_nms_topk, sorted by score; rows with valid False are padding. No gradient flows.
+    """
+    objectness = [jax.lax.stop_gradient(o) for o in objectness]
+    deltas = [jax.lax.stop_gradient(d) for d in deltas]
+    bsz = objectness[0].shape[0]
+    all_boxes, all_scores, all_valid = [], [], []
+    for logit, delta, anc, avalid in zip(objectness, deltas, anchors, anchor_valid):
+        n = logit.shape[1]
+        k = min(pre_nms_topk, n)
+        avalid = jnp.broadcast_to(avalid, logit.shape)
+        masked = jnp.where(avalid, logit, -jnp.inf)
+        top_logit, idx = jax.lax.top_k(masked, k)                               # [B, k]
+        valid = jnp.take_along_axis(avalid, idx, axis=1)
+        d = jnp.take_along_axis(delta, idx[..., None], axis=1)
+        a = jnp.take_along_axis(jnp.broadcast_to(anc, (bsz,) + anc.shape[1:]), idx[..., None], axis=1)
+        boxes = box_ops.decode_boxes(d, a)
+        boxes = box_ops.clip_boxes(boxes, image_hw[:, None, :])
+        valid = valid & box_ops.nonsmall_boxes(boxes, min_size)
+        prob = jax.nn.sigmoid(top_logit)
+        keep, keep_valid = jax.vmap(lambda b, s, v: nms(b, s, v, nms_thresh, k))(boxes, prob, valid)
+        all_boxes.append(jnp.take_along_axis(boxes, keep[..., None], axis=1))
+        all_scores.append(jnp.take_along_axis(prob, keep, axis=1))
+        all_valid.append(keep_valid)
+    boxes = jnp.concatenate(all_boxes, axis=1)
+    scores = jnp.concatenate(all_scores, axis=1)
+    valid = jnp.concatenate(all_valid, axis=1)
+    p = min(post_nms_topk, boxes.shape[1])
+    top, idx = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), p)
+    boxes = jnp.take_along_axis(boxes, idx[..., None], axis=1)
+    valid = jnp.take_along_axis(valid, idx, axis=1)
+    scores = jnp.where(valid, top, 0.0)
+    boxes = jnp.where(valid[..., None], boxes, 0.0)
+    if p < post_nms_topk:  # fewer anchors than requested proposals (tiny canvases): pad
+        pad = post_nms_topk - p
+        boxes = jnp.pad(boxes, ((0, 0), (0, pad), (0, 0)))
+        scores = jnp.pad(scores, ((0, 0), (0, pad)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    return boxes, scores, valid

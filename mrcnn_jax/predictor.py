@@ -1,0 +1,176 @@
+"""The public inference API.
+
+```python
+from mrcnn_jax import Predictor
+p = Predictor.from_torchvision('maskrcnn_resnet50_fpn_coco.pth')   # path or state_dict
+p = Predictor.from_checkpoint('converted/')                         # what `mrcnn-jax convert` writes
+out = p(image)            # HxWx3 uint8 RGB; a list of images gives a list of outputs
+out['boxes']  (N, 4) float32 xyxy in original pixels;  out['scores'] (N,);  out['labels'] (N,) int
+out['masks']  (N, H, W) float32 in [0, 1]  (mask models)
+```
+Each image is resized by the config's test rule, placed on the smallest canvas bucket that holds
+it and run through one compiled program per (bucket, batch size); images of other sizes in the
+same bucket reuse it. Images are processed independently: torchvision's batched inference pads
+every image to the largest in its batch, which changes results with batch composition; ours are
+those of torchvision run on each image alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mrcnn_jax import preprocess
+from mrcnn_jax.config import default_config
+from mrcnn_jax.models.mask_rcnn import build_model
+from mrcnn_jax.ops.masks import paste_masks
+
+log = logging.getLogger(__name__)
+
+
+class Predictor:
+    """Image(s) in, instances out, in original image pixels."""
+
+    def __init__(self, config: ml_collections.ConfigDict, variables: Any, *,
+                 label_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                 buckets: Sequence[tuple[int, int]] | None = None, batch_size: int = 1,
+                 paste: bool = True):
+        self.config = config
+        self.model = build_model(config.model)
+        self.variables = jax.device_put(jax.tree_util.tree_map(jnp.asarray, variables))
+        k = config.model.num_classes
+        self.label_ids = np.asarray(label_ids if label_ids is not None else np.arange(k), np.int64)
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in self.label_ids]
+        d = config.data
+        self.buckets = [tuple(b) for b in (buckets or d.get('test_buckets', ()) or
+                                           preprocess.default_buckets(d.test_min_size, d.test_max_size,
+                                                                      config.model.size_divisible))]
+        self.batch_size = batch_size
+        self.paste = paste
+        self._predict = jax.jit(self.model.apply)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_torchvision(cls, path_or_state_dict: Any, *, score_thresh: float = 0.05,
+                         nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: int = 800,
+                         max_size: int = 1333, norm_eps: float = 0.0, **kwargs) -> 'Predictor':
+        """From a torchvision `maskrcnn_resnet50_fpn` / `fasterrcnn_resnet50_fpn` (or other depth)
+        state_dict or .pth path. Defaults are torchvision's COCO v1 inference settings, including
+        FrozenBN eps 0 (torchvision overwrites eps to 0.0 when it loads those weights)."""
+        from mrcnn_jax.convert import torchvision as tv
+        sd = tv.load_state_dict(path_or_state_dict)
+        cfg = config_for_torchvision(tv.model_config_from_state_dict(sd), score_thresh=score_thresh,
+                                     nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                                     min_size=min_size, max_size=max_size, norm_eps=norm_eps)
+        variables = tv.convert_state_dict(sd, cfg.model)
+        label_ids, names = torchvision_labels(cfg.model.num_classes)
+        return cls(cfg, variables, label_ids=label_ids, class_names=names, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path, config: ml_collections.ConfigDict | None = None, **kwargs) -> 'Predictor':
+        """From a model directory written by `mrcnn-jax convert` or by training (see model_dir.py)."""
+        from mrcnn_jax.model_dir import load_model_dir
+        cfg, variables, meta = load_model_dir(path, config)
+        return cls(cfg, variables, label_ids=meta.get('label_ids'), class_names=meta.get('class_names'),
+                   **kwargs)
+
+    # -- inference -----------------------------------------------------------------------------
+    def preprocess(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """uint8 image -> (resized normalized [h, w, 3] float32, image_info [6], bucket)."""
+        d = self.config.data
+        img = preprocess.as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        if h < 1 or w < 1:
+            raise ValueError(f'empty image of shape {img.shape}')
+        x = preprocess.normalize(img, d.pixel_scale, d.pixel_mean, d.pixel_std, d.channel_order)
+        rh, rw = preprocess.resized_size(h, w, d.test_min_size, d.test_max_size, d.resize_rule)
+        x = preprocess.resize_bilinear(x, (rh, rw))
+        sd = self.config.model.size_divisible
+        padded = (int(np.ceil(rh / sd) * sd), int(np.ceil(rw / sd) * sd))
+        bucket = preprocess.choose_bucket(padded, self.buckets)
+        if bucket is None:
+            log.warning('image resized to %s exceeds every bucket %s; compiling a canvas of %s',
+                        (rh, rw), self.buckets, padded)
+            bucket = padded
+        info = np.asarray([h, w, rh, rw, rh / h, rw / w], np.float32)
+        return x, info, bucket
+
+    def predict_batch(self, images: np.ndarray, image_info: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw padded model outputs for a canvas batch [B, H, W, 3] (numpy)."""
+        out = self._predict(self.variables, jnp.asarray(images), jnp.asarray(image_info))
+        return jax.tree_util.tree_map(np.asarray, out)
+
+    def __call__(self, images):
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        prepped = [self.preprocess(im) for im in items]
+        results: list[dict | None] = [None] * len(items)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, (_, _, bucket) in enumerate(prepped):
+            by_bucket.setdefault(bucket, []).append(i)
+        for bucket, idxs in by_bucket.items():
+            for start in range(0, len(idxs), self.batch_size):
+                chunk = idxs[start:start + self.batch_size]
+                bs = self.batch_size
+                canvas = np.zeros((bs, bucket[0], bucket[1], 3), np.float32)
+                info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
+                for j, i in enumerate(chunk):
+                    x, inf, _ = prepped[i]
+                    canvas[j, :x.shape[0], :x.shape[1]] = x
+                    info[j] = inf
+                raw = self.predict_batch(canvas, info)
+                for j, i in enumerate(chunk):
+                    results[i] = self.postprocess({k: v[j] for k, v in raw.items()}, info[j])
+        return results[0] if single else results
+
+    def postprocess(self, raw: dict[str, np.ndarray], info: np.ndarray) -> dict[str, np.ndarray]:
+        """One image's padded outputs -> its valid instances in original pixels."""
+        valid = raw['valid']
+        h0, w0, rh, rw = (int(v) for v in info[:4])
+        # torchvision resize_boxes: ratio = float32(original) / float32(resized), per axis.
+        ratio_h = np.float32(h0) / np.float32(rh)
+        ratio_w = np.float32(w0) / np.float32(rw)
+        boxes = raw['boxes'][valid] * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
+        labels = raw['labels'][valid]
+        out = {
+            'boxes': boxes.astype(np.float32),
+            'scores': raw['scores'][valid].astype(np.float32),
+            'labels': self.label_ids[labels],
+        }
+        if 'masks' in raw:
+            probs = raw['masks'][valid].astype(np.float32)
+            out['mask_probs'] = probs
+            if self.paste:
+                out['masks'] = paste_masks(probs, out['boxes'], (h0, w0))
+        return out
+
+
+def config_for_torchvision(model_cfg: ml_collections.ConfigDict, *, score_thresh: float = 0.05,
+                           nms_thresh: float = 0.5, detections_per_img: int = 100, min_size: int = 800,
+                           max_size: int = 1333, norm_eps: float = 0.0) -> ml_collections.ConfigDict:
+    """A full config around a torchvision model section, with its inference settings."""
+    cfg = default_config()
+    cfg.model = model_cfg
+    cfg.model.semantics = 'torchvision'
+    cfg.model.backbone.norm_eps = norm_eps
+    cfg.model.roi.score_thresh = score_thresh
+    cfg.model.roi.nms_thresh = nms_thresh
+    cfg.model.roi.detections_per_img = detections_per_img
+    cfg.data.test_min_size = min_size
+    cfg.data.test_max_size = max_size
+    cfg.data.min_size = (min_size,)
+    cfg.data.max_size = max_size
+    return cfg
+
+
+def torchvision_labels(num_classes: int):
+    """torchvision COCO weights predict the COCO category id directly (91 slots, 'N/A' gaps)."""
+    from mrcnn_jax.coco_categories import COCO_CATEGORY_NAMES
+    ids = list(range(num_classes))
+    names = list(COCO_CATEGORY_NAMES) if num_classes == len(COCO_CATEGORY_NAMES) else [str(i) for i in ids]
+    return ids, names
