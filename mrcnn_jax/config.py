@@ -181,3 +181,59 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval = default_eval_config()
     c.distributed = False                  # call jax.distributed.initialize() first
     return c
+
+
+def _parse_value(text: str, current):
+    import ast
+    low = text.strip().lower()
+    if isinstance(current, bool) and low in ('true', 'false', '1', '0', 'yes', 'no'):
+        return low in ('true', '1', 'yes')
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, (list, tuple)) and value != '':
+        return (value,)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Apply `a.b=value` (or `--config.a.b=value`) overrides. Values are Python literals
+    (`data.canvas=(512,512)`, `model.mask_on=False`) or bare strings; unknown keys are errors."""
+    for item in overrides:
+        item = item[2:] if item.startswith('--') else item
+        item = item[len('config.'):] if item.startswith('config.') else item
+        key, sep, text = item.partition('=')
+        if not sep:
+            raise ValueError(f'override {item!r} is not KEY=VALUE')
+        node = config
+        *parents, leaf = key.strip().split('.')
+        for name in parents:
+            if name not in node:
+                raise KeyError(f'unknown config field {key!r} (no {name!r})')
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f'unknown config field {key!r}')
+        with node.ignore_type():
+            node[leaf] = _parse_value(text, node[leaf])
+    return config
+
+
+def load_config(path, overrides=()) -> ml_collections.ConfigDict:
+    """A config file (Python, `get_config()` -> ConfigDict) with overrides applied."""
+    import importlib.util
+    import os
+
+    path = os.fspath(path)
+    spec = importlib.util.spec_from_file_location(f'_mrcnn_config_{abs(hash(os.path.abspath(path)))}', path)
+    if spec is None or spec.loader is None or not os.path.exists(path):
+        raise FileNotFoundError(f'cannot load config file {path}')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise AttributeError(f'{path} has no get_config()')
+    return apply_overrides(module.get_config(), overrides)

@@ -10,41 +10,11 @@ Wiring into the main CLI:
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import logging
 import os
 import sys
 
-
-def load_config(path: str, overrides=()):
-    """A config file (Python, `get_config()` → ConfigDict) with `KEY=VALUE` overrides applied.
-
-    VALUE is a Python literal (`data.canvas=(512,512)`, `model.mask_on=False`) or a bare string.
-    """
-    spec = importlib.util.spec_from_file_location(
-        f'_mrcnn_config_{abs(hash(os.path.abspath(path)))}', path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f'cannot load config file {path}')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
-        raise AttributeError(f'{path} has no get_config()')
-    config = module.get_config()
-    for item in overrides:
-        key, sep, text = item.partition('=')
-        if not sep:
-            raise ValueError(f'override {item!r} is not KEY=VALUE')
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node = config
-        *parents, leaf = key.strip().split('.')
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
+from mrcnn_jax.config import load_config
 
 
 def _to_tfrecord(args) -> int:

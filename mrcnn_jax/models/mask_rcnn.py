@@ -16,7 +16,7 @@ Boxes in and out are xyxy float32 in canvas pixels (the resized image's frame).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax

@@ -1,0 +1,258 @@
+"""`mrcnn-jax`: convert, train, eval, predict, export, data, benchmark, demo.
+
+Configs are Python files returning a ConfigDict; any field can be overridden on the command line
+with `--config.section.field=value` (e.g. `--config.train.steps=20`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
+
+
+def _split_overrides(argv):
+    """Separate `--config.x=y` overrides (argparse cannot declare them) from the rest."""
+    rest, overrides = [], []
+    for a in argv:
+        (overrides if a.startswith('--config.') else rest).append(a)
+    return rest, overrides
+
+
+def load_predictor(checkpoint, config_path=None, overrides=(), **kwargs):
+    """A Predictor from a model directory, a training workdir, or a torchvision .pth file."""
+    from mrcnn_jax.config import apply_overrides, load_config
+    from mrcnn_jax.predictor import Predictor
+
+    path = pathlib.Path(checkpoint)
+    cfg = load_config(config_path, overrides) if config_path else None
+    if path.is_file() and path.suffix in ('.pth', '.pt'):
+        p = Predictor.from_torchvision(str(path), **kwargs)
+        if cfg is not None:
+            p.config.data = cfg.data
+        return p
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    if (path / 'model' / 'config.json').exists():
+        path = path / 'model'
+    if cfg is None and overrides:
+        from mrcnn_jax.model_dir import config_from_json
+        cfg = apply_overrides(config_from_json((path / 'config.json').read_text()), overrides)
+    return Predictor.from_checkpoint(path, cfg, **kwargs)
+
+
+def _cmd_convert(args, overrides) -> int:
+    from mrcnn_jax.model_dir import save_model_dir
+    from mrcnn_jax.predictor import Predictor
+
+    if args.source != 'torchvision':
+        print(f'unsupported --from {args.source!r} (supported: torchvision)', file=sys.stderr)
+        return 2
+    p = Predictor.from_torchvision(args.input, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
+                                   detections_per_img=args.detections_per_img, min_size=args.min_size,
+                                   max_size=args.max_size)
+    meta = {'label_ids': [int(x) for x in p.label_ids], 'class_names': p.class_names,
+            'source': f'torchvision:{os.path.basename(args.input)}'}
+    import jax
+    out = save_model_dir(args.output, p.config, jax.device_get(p.variables), meta)
+    kind = 'Mask R-CNN' if p.config.model.mask_on else 'Faster R-CNN'
+    print(f'converted {kind} R{p.config.model.backbone.depth}-FPN ({p.config.model.num_classes} classes) '
+          f'-> {out}')
+    return 0
+
+
+def _cmd_train(args, overrides) -> int:
+    from mrcnn_jax.config import load_config
+    from mrcnn_jax.training.loop import train
+
+    cfg = load_config(args.config, overrides)
+    train(cfg, args.workdir)
+    return 0
+
+
+def _cmd_eval(args, overrides) -> int:
+    import json
+
+    from mrcnn_jax.evaluation.inference import evaluate
+
+    p = load_predictor(args.checkpoint, args.config, overrides, paste=False)
+    cfg = p.config
+    if args.annotations or args.images:
+        if not (args.annotations and args.images):
+            print('--annotations and --images go together', file=sys.stderr)
+            return 2
+        cfg.data.source = 'coco_json'
+        cfg.data.val_annotations = args.annotations
+        cfg.data.val_images = args.images
+        if cfg.model.num_classes == 91 and cfg.model.semantics == 'torchvision':
+            cfg.data.class_index = 'category_id'
+    out = pathlib.Path(args.out or (pathlib.Path(args.checkpoint) / 'eval'))
+    try:
+        metrics = evaluate(cfg, p, max_images=args.max_images, out_dir=out, batch_size=args.batch_size,
+                           backend=args.backend)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+    print(f'wrote {out / "results.json"} and {out / "metrics.json"}')
+    return 0
+
+
+def _expand_images(paths):
+    out = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+def _cmd_predict(args, overrides) -> int:
+    import json
+
+
+    from mrcnn_jax.evaluation.inference import BatchedInference
+    from mrcnn_jax.visualize import draw_predictions, predictions_to_json
+
+    files = _expand_images(args.images)
+    if not files:
+        print('error: no images given (or the folders hold none)', file=sys.stderr)
+        return 1
+    p = load_predictor(args.checkpoint, args.config, overrides)
+    names = dict(zip((int(i) for i in p.label_ids), p.class_names))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    originals = {}
+    bad = []
+
+    def items():
+        from mrcnn_jax.data.images import load_image
+        for f in files:
+            try:
+                originals[f] = load_image(str(f))
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+                bad.append((f, str(e)))
+                print(f'skipping {f}: {e}', file=sys.stderr)
+                continue
+            yield f, originals[f]
+
+    from tqdm import tqdm
+    runner = BatchedInference(p, args.batch_size)
+    n = 0
+    for f, pred in tqdm(runner(items()), total=len(files), desc='predict', unit='img'):
+        image = originals.pop(f)
+        draw_predictions(image, pred, names, args.score_threshold).save(out / f'{f.stem}.png')
+        record = {'image': str(f), 'height': int(image.shape[0]), 'width': int(image.shape[1]),
+                  'instances': predictions_to_json(pred, names, args.score_threshold)}
+        (out / f'{f.stem}.json').write_text(json.dumps(record))
+        n += 1
+    skipped = len(bad) + len(runner.skipped)
+    print(f'wrote {n} overlay(s) and JSON file(s) to {out}' + (f'; skipped {skipped} unreadable file(s)' if skipped else ''))
+    return 0 if n else 1
+
+
+def _cmd_export(args, overrides) -> int:
+    from mrcnn_jax.export import export_predictor
+
+    p = load_predictor(args.checkpoint, args.config, overrides)
+    canvas = tuple(args.canvas) if args.canvas else None
+    out = export_predictor(p, args.out, batch_size=args.batch_size, canvas=canvas)
+    print(f'exported to {out}')
+    return 0
+
+
+def _cmd_benchmark(args, overrides) -> int:
+    from mrcnn_jax import benchmark
+    return benchmark.main(args.rest)
+
+
+def _cmd_demo(args, overrides) -> int:
+    from mrcnn_jax import demo
+    return demo.main(args.workdir, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='mrcnn-jax', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest='command', required=True)
+
+    c = sub.add_parser('convert', help='convert torchvision weights to a model directory')
+    c.add_argument('--from', dest='source', default='torchvision', choices=['torchvision'])
+    c.add_argument('input', help='.pth state_dict (maskrcnn_/fasterrcnn_resnet50_fpn, current or legacy keys)')
+    c.add_argument('output', help='output model directory')
+    c.add_argument('--score-thresh', type=float, default=0.05)
+    c.add_argument('--nms-thresh', type=float, default=0.5)
+    c.add_argument('--detections-per-img', type=int, default=100)
+    c.add_argument('--min-size', type=int, default=800)
+    c.add_argument('--max-size', type=int, default=1333)
+    c.set_defaults(func=_cmd_convert)
+
+    t = sub.add_parser('train', help='train (resumes from the workdir\'s latest checkpoint)')
+    t.add_argument('--config', required=True)
+    t.add_argument('--workdir', required=True)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser('eval', help='COCO evaluation of a checkpoint on a dataset')
+    e.add_argument('--checkpoint', required=True, help='model directory, training workdir or .pth')
+    e.add_argument('--config', help='config file (default: the checkpoint\'s own)')
+    e.add_argument('--annotations', help='COCO instances json (default: the config\'s val split)')
+    e.add_argument('--images', help='image folder of --annotations')
+    e.add_argument('--out', help='where results.json and metrics.json go (default CHECKPOINT/eval)')
+    e.add_argument('--max-images', type=int, default=0)
+    e.add_argument('--batch-size', type=int, default=None)
+    e.add_argument('--backend', choices=['pycocotools', 'faster_coco_eval'], default=None)
+    e.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser('predict', help='overlay PNG + instances JSON per image')
+    p.add_argument('images', nargs='+', help='image files or folders')
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--config')
+    p.add_argument('--out', required=True)
+    p.add_argument('--score-threshold', type=float, default=0.5)
+    p.add_argument('--batch-size', type=int, default=1)
+    p.set_defaults(func=_cmd_predict)
+
+    x = sub.add_parser('export', help='serialize inference with jax.export (StableHLO)')
+    x.add_argument('--checkpoint', required=True)
+    x.add_argument('--config')
+    x.add_argument('--out', required=True)
+    x.add_argument('--batch-size', type=int, default=2)
+    x.add_argument('--canvas', type=int, nargs=2, metavar=('H', 'W'))
+    x.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser('data', help='datasets: to-tfrecord, show')
+    from mrcnn_jax.data import cli as data_cli
+    data_cli.add_subcommands(d.add_subparsers(dest='data_command', required=True))
+
+    b = sub.add_parser('benchmark', help='JAX vs torchvision timings (see scripts/benchmark.py --help)')
+    b.add_argument('rest', nargs=argparse.REMAINDER)
+    b.set_defaults(func=_cmd_benchmark)
+
+    m = sub.add_parser('demo', help='synthetic shapes: generate, train, evaluate, draw')
+    m.add_argument('--workdir', default='demo_out')
+    m.set_defaults(func=_cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = _split_overrides(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    args = build_parser().parse_args(rest)
+    if overrides and args.command not in ('train', 'eval', 'predict', 'export', 'demo'):
+        print(f'--config.* overrides are not used by {args.command}', file=sys.stderr)
+        return 2
+    if args.command == 'data':
+        return args.func(args)
+    return args.func(args, overrides)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Orbax checkpoints of the whole training state, with exact resume.
+
+A checkpoint at step s holds the TrainState (params, FrozenBN statistics, optimizer state, step,
+PRNG key, skipped-step count) and this host's input-pipeline position (JSON). Saves are
+asynchronous; restore places arrays straight into the target shardings.
+
+"Resume" (this module: same workdir, everything restored) is separate from "initialize from
+weights" (`init_variables_from`: a converted model directory or a backbone only).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager for TrainState + data-iterator state."""
+
+    def __init__(self, directory, *, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=max(int(save_every), 1),
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+        """Saves when `step` is on the save interval (or force). Returns whether a save started."""
+        args = {'state': ocp.args.StandardSave(state)}
+        if data_state is not None:
+            args[f'data_{jax.process_index()}'] = ocp.args.JsonSave(data_state)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
+        """Restore into the structure/shardings of `target_state` (arrays or ShapeDtypeStructs
+        with shardings). Returns (state, this host's data state or None, step)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no checkpoint in {self.directory}')
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
+        data_key = f'data_{jax.process_index()}'
+        items = {'state': ocp.args.StandardRestore(abstract)}
+        if (self.directory / str(step) / data_key).exists():
+            items[data_key] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out['state'], out.get(data_key) if data_key in items else None, step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,245 @@
+"""The training loop: build mesh, model and data; restore or initialize; step; log; checkpoint.
+
+Everything clever lives in pure functions it calls (losses.py, train_step.py). The loop:
+  * resumes from the newest checkpoint in `workdir/checkpoints` (params, optimizer state, step,
+    PRNG key and the data position), and says so; otherwise initializes, optionally from
+    weights (`train.init_from`: a model directory such as `mrcnn-jax convert` writes);
+  * prints a progress line every `train.log_every` steps (loss terms, lr, s/step, images/s,
+    ETA) and writes TensorBoard scalars to `workdir/tb` when tensorboardX is installed;
+  * saves asynchronously every `train.checkpoint_every` steps, keeps `train.keep_checkpoints`;
+  * evaluates every `train.eval_every` steps when a validation split is configured;
+  * writes `workdir/model/` (a model directory for Predictor.from_checkpoint / eval / export).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from mrcnn_jax.models.mask_rcnn import build_model
+from mrcnn_jax.training import losses, optimizer
+from mrcnn_jax.training import train_step as ts
+from mrcnn_jax.training.checkpoint import Checkpointer
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = ('images', 'image_info', 'gt_boxes', 'gt_classes', 'gt_valid', 'gt_is_crowd', 'gt_masks')
+# Test hook: SIGKILL this process right after the given step (pending checkpoints finished first).
+_KILL_ENV = 'MRCNN_JAX_SIGKILL_AFTER_STEP'
+
+
+def _print(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def init_variables(model, cfg: ml_collections.ConfigDict, key: jax.Array) -> dict:
+    """Random variables for the config's model (jit-compiled init: much faster than eager)."""
+    h, w = _canvas(cfg)
+    images = jnp.zeros((1, h, w, 3), jnp.float32)
+    info = jnp.asarray([[h, w, h, w, 1.0, 1.0]], jnp.float32)
+    return jax.jit(model.init)(key, images, info)
+
+
+def _canvas(cfg) -> tuple[int, int]:
+    buckets = tuple(cfg.data.get('buckets', ()) or ())
+    return tuple(buckets[0]) if buckets else tuple(cfg.data.canvas)
+
+
+def load_initial_weights(variables: dict, path: str, backbone_only: bool = False) -> dict:
+    """Copy weights from a model directory (or a torchvision .pth) into `variables`.
+
+    Every array whose path and shape match is taken; the rest (e.g. a classifier for another
+    number of classes) keeps its fresh initialization. Both lists are logged.
+    """
+    from flax import traverse_util
+
+    p = pathlib.Path(path)
+    if p.suffix in ('.pth', '.pt'):
+        from mrcnn_jax.convert import torchvision as tv
+        sd = tv.load_state_dict(str(p))
+        src = tv.convert_state_dict(sd, tv.model_config_from_state_dict(sd))
+    else:
+        from mrcnn_jax.model_dir import load_model_dir
+        _, src, _ = load_model_dir(p)
+    flat_dst = traverse_util.flatten_dict(variables)
+    flat_src = traverse_util.flatten_dict(src)
+    taken, kept = [], []
+    for k, v in flat_dst.items():
+        if backbone_only and (len(k) < 2 or k[1] != 'backbone'):
+            kept.append(k)
+            continue
+        s = flat_src.get(k)
+        if s is not None and tuple(s.shape) == tuple(v.shape):
+            flat_dst[k] = jnp.asarray(s, v.dtype)
+            taken.append(k)
+        else:
+            kept.append(k)
+    _print(f'initialized {len(taken)} arrays from {path}; {len(kept)} keep their fresh init'
+           + (f' (e.g. {"/".join(kept[0])})' if kept else ''))
+    return traverse_util.unflatten_dict(flat_dst)
+
+
+class TrainLoop:
+    """State and helpers of one training run (see `train`)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir):
+        self.cfg = cfg
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model = build_model(cfg.model)
+        self.mesh = ts.make_mesh()
+        n_dev = self.mesh.devices.size
+        if cfg.train.batch_size % n_dev:
+            raise ValueError(f'train.batch_size={cfg.train.batch_size} must be a multiple of the '
+                             f'{n_dev} devices')
+        self.loss_fn = losses.make_loss_fn(self.model, cfg.model)
+
+    def build_state(self, key: jax.Array) -> tuple[ts.TrainState, Any]:
+        variables = init_variables(self.model, self.cfg, key)
+        if self.cfg.train.init_from:
+            variables = load_initial_weights(variables, self.cfg.train.init_from,
+                                             self.cfg.train.init_backbone_only)
+        tx = optimizer.build_optimizer(self.cfg.train, variables['params'],
+                                       self.cfg.model.backbone.frozen_stages)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)
+        return ts.place_state(ts.create_state(variables, tx, rng), self.mesh), tx
+
+
+def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn: Callable | None = None,
+          on_metrics: Callable | None = None) -> ts.TrainState:
+    """Train `cfg` in `workdir` until cfg.train.steps, resuming if a checkpoint exists.
+
+    dataset: an iterator of host-local batches with get_state/set_state (default: build_dataset).
+    evaluate_fn(variables, step) -> dict: periodic evaluation (default: COCO eval of the val split
+    when one is configured). on_metrics(step, metrics): a callback (tests, notebooks).
+    """
+    if cfg.get('distributed', False) and jax.process_count() == 1:
+        jax.distributed.initialize()
+    t = cfg.train
+    loop = TrainLoop(cfg, workdir)
+    key = jax.random.PRNGKey(cfg.seed)
+    state, tx = loop.build_state(key)
+    step_fn = ts.make_train_step(loop.loss_fn, tx, loop.mesh)
+
+    if dataset is None:
+        from mrcnn_jax.data import pipeline, synthetic
+        if cfg.data.source == 'synthetic':
+            synthetic.ensure_synthetic(cfg)
+        dataset = pipeline.build_dataset(cfg, 'train')
+    ckpt = Checkpointer(loop.workdir / 'checkpoints', max_to_keep=t.keep_checkpoints,
+                        save_every=t.checkpoint_every)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(state)
+        if data_state is not None:
+            dataset.set_state(data_state)
+        _print(f'resuming from step {start} (checkpoint in {ckpt.directory})')
+    else:
+        _print(f'starting from scratch: {t.steps} steps, global batch {t.batch_size}, '
+               f'{loop.mesh.devices.size} device(s) ({jax.devices()[0].platform})')
+    if evaluate_fn is None and t.eval_every and (cfg.data.val_annotations or cfg.data.source == 'synthetic'):
+        from mrcnn_jax.evaluation.inference import make_evaluate_fn
+        evaluate_fn = make_evaluate_fn(cfg, loop.model, loop.mesh)
+
+    writer = _summary_writer(loop.workdir)
+    schedule = optimizer.learning_rate_schedule(t)
+    kill_after = int(os.environ.get(_KILL_ENV, '-1'))
+    window_start, window_steps = time.time(), 0
+    skipped_seen = int(jax.device_get(state.skipped))
+    metrics = None
+    for step in range(start, t.steps):
+        batch = next(dataset)
+        batch = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+        state, metrics = step_fn(state, ts.shard_batch(batch, loop.mesh))
+        window_steps += 1
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps or done == start + 1:
+            m = jax.device_get(metrics)
+            elapsed = time.time() - window_start
+            sps = elapsed / window_steps
+            _report(done, t.steps, m, float(schedule(step)), sps, t.batch_size, writer)
+            skipped = int(jax.device_get(state.skipped))
+            if skipped > skipped_seen:
+                _print(f'WARNING: non-finite loss or gradients: {skipped - skipped_seen} update(s) '
+                       f'skipped up to step {done} ({skipped} in total); training continues')
+                skipped_seen = skipped
+            if on_metrics is not None:
+                on_metrics(done, m)
+            window_start, window_steps = time.time(), 0
+        ckpt.save(done, state, dataset.get_state())
+        if evaluate_fn is not None and t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            _log_eval(evaluate_fn(state.variables, done), done, writer)
+        if done == kill_after:
+            ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+    if ckpt.latest_step() != t.steps and start < t.steps:
+        ckpt.save(t.steps, state, dataset.get_state(), force=True)
+    ckpt.close()
+    export_model_dir(cfg, state, loop.workdir / 'model', dataset)
+    if evaluate_fn is not None and start < t.steps:
+        _log_eval(evaluate_fn(state.variables, t.steps), t.steps, writer)
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def export_model_dir(cfg, state: ts.TrainState, path, dataset=None) -> pathlib.Path:
+    """Write the trained variables as a model directory (config + metadata + variables)."""
+    from mrcnn_jax.model_dir import save_model_dir
+    meta = {'source': 'mrcnn_jax.train', 'step': int(jax.device_get(state.step))}
+    md = getattr(dataset, 'metadata', None) or {}
+    if 'category_ids' in md:
+        meta['label_ids'] = [0] + [int(c) for c in md['category_ids']]
+        names = md.get('category_names') or [str(c) for c in md['category_ids']]
+        meta['class_names'] = ['__background__'] + list(names)
+    variables = jax.device_get(state.variables)
+    if jax.process_index() == 0:
+        save_model_dir(path, cfg, variables, meta)
+    return pathlib.Path(path)
+
+
+def _summary_writer(workdir: pathlib.Path):
+    if jax.process_index() != 0:
+        return None
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir / 'tb'))
+
+
+def _report(done: int, total: int, m: dict, lr: float, sps: float, batch: int, writer) -> None:
+    terms = ' '.join(f'{k.replace("loss_", "")} {float(v):.4f}' for k, v in m.items() if k.startswith('loss_'))
+    eta = _fmt_time((total - done) * sps)
+    _print(f'step {done}/{total} | loss {float(m["loss"]):.4f} ({terms}) | lr {lr:.5f} | '
+           f'{sps:.2f} s/step | {batch / max(sps, 1e-9):.1f} img/s | ETA {eta}')
+    if writer is not None:
+        for k, v in m.items():
+            writer.add_scalar(f'train/{k}', float(v), done)
+        writer.add_scalar('train/lr', lr, done)
+        writer.add_scalar('train/steps_per_s', 1.0 / max(sps, 1e-9), done)
+
+
+def _log_eval(result: dict, step: int, writer) -> None:
+    if not result:
+        return
+    flat = {f'{t}/{k}': v for t, d in result.items() if isinstance(d, dict) for k, v in d.items()}
+    _print(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in flat.items() if k.endswith('/AP')))
+    if writer is not None:
+        for k, v in flat.items():
+            writer.add_scalar(f'eval/{k}', float(v), step)

@@ -1,0 +1,138 @@
+"""Mask R-CNN losses (torchvision semantics, Detectron2's L1 variants by config) and the loss function.
+
+```python
+loss_fn = make_loss_fn(model, cfg.model)
+total, aux = loss_fn(variables, batch, key)      # pure; jit / grad / shard as you like
+```
+Normalization as torchvision (sums over the whole global batch, so data-parallel sharding does
+not change the numbers):
+  * RPN objectness: BCE averaged over all sampled anchors; RPN box: smooth L1 (beta 1/9) summed
+    over positive anchors / number of sampled anchors;
+  * box head: cross entropy averaged over sampled RoIs; box: smooth L1 (beta 1/9) of the GT
+    class's deltas summed over positives / number of sampled RoIs;
+  * mask: per-pixel BCE of the GT class's logits averaged over positive RoIs x 28 x 28.
+`loss_type='l1'` uses L1 (Detectron2's default `smooth_l1_beta=0`) with the same normalizers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from mrcnn_jax.models.rpn import select_proposals
+from mrcnn_jax.training import targets as tgt
+
+
+def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
+    """torch.nn.functional.smooth_l1_loss elementwise; beta 0 is L1."""
+    ax = jnp.abs(x)
+    if beta <= 0:
+        return ax
+    return jnp.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
+
+
+def _reg_loss(x, loss_type: str, beta: float):
+    return smooth_l1(x, beta if loss_type == 'smooth_l1' else 0.0)
+
+
+def rpn_losses(objectness: jnp.ndarray, deltas: jnp.ndarray, t: tgt.AnchorTargets, *,
+               loss_type: str = 'smooth_l1', beta: float = 1 / 9) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """objectness [B, A] logits, deltas [B, A, 4]; t batched [B, S]. Returns (objectness, box) losses."""
+    logit = jnp.take_along_axis(objectness, t.indices, axis=1)
+    pred = jnp.take_along_axis(deltas, t.indices[..., None], axis=1)
+    n = jnp.maximum(jnp.sum(t.weights), 1.0)
+    bce = optax.sigmoid_binary_cross_entropy(logit, t.labels)
+    obj = jnp.sum(bce * t.weights) / n
+    reg = _reg_loss(pred - t.box_targets, loss_type, beta).sum(-1)
+    box = jnp.sum(reg * t.labels * t.weights) / n
+    return obj, box
+
+
+def box_head_losses(class_logits: jnp.ndarray, box_deltas: jnp.ndarray, t: tgt.RoiTargets, *,
+                    loss_type: str = 'smooth_l1', beta: float = 1 / 9) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """class_logits [B, S, K], box_deltas [B, S, K, 4]; t batched [B, S]. Returns (cls, box) losses."""
+    n = jnp.maximum(jnp.sum(t.weights), 1.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, t.labels)
+    cls = jnp.sum(ce * t.weights) / n
+    pred = jnp.take_along_axis(box_deltas, t.labels[..., None, None], axis=2)[:, :, 0]   # [B, S, 4]
+    pos = (t.labels > 0).astype(jnp.float32) * t.weights
+    reg = _reg_loss(pred - t.box_targets, loss_type, beta).sum(-1)
+    return cls, jnp.sum(reg * pos) / n
+
+
+def mask_head_loss(mask_logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """mask_logits, targets [B, R, M, M]; weights [B, R] (1 for positive RoIs). Mean BCE; 0 if none."""
+    bce = optax.sigmoid_binary_cross_entropy(mask_logits, targets).mean(axis=(-1, -2))
+    return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDict):
+    """Runs inside model.apply (m is the bound MaskRCNN). Returns (losses dict, aux dict)."""
+    images, info = batch['images'], batch['image_info']
+    b = images.shape[0]
+    rp, r = cfg.rpn, cfg.roi
+    gt_boxes = batch['gt_boxes'].astype(jnp.float32)
+    gt_ok = tgt.usable_gt(gt_boxes, batch['gt_valid'], batch['gt_is_crowd'])
+    k_anchor, k_roi = jax.random.split(key)
+    keys_anchor = jax.random.split(k_anchor, b)      # one key per image, never shared
+    keys_roi = jax.random.split(k_roi, b)
+
+    feats = m.features(images, info)
+    logits, deltas = m.rpn(feats, info)
+    anchors, anchor_ok = m.anchors(feats, info)
+    proposals, _, proposal_ok = select_proposals(
+        logits, deltas, anchors, anchor_ok, m.image_hw(info), pre_nms_topk=m.rpn_pre_nms_topk_train,
+        post_nms_topk=m.rpn_post_nms_topk_train, nms_thresh=m.rpn_nms_thresh, min_size=m.rpn_min_size)
+
+    all_logits = jnp.concatenate(logits, axis=1)
+    all_deltas = jnp.concatenate(deltas, axis=1)
+    all_anchors = jnp.broadcast_to(jnp.concatenate(anchors, axis=1), (b,) + all_deltas.shape[1:])
+    all_ok = jnp.broadcast_to(jnp.concatenate(anchor_ok, axis=1), all_logits.shape)
+    at = jax.vmap(lambda k, a, ok, g, gok: tgt.anchor_targets(
+        k, a, ok, g, gok, fg_thresh=rp.fg_iou_thresh, bg_thresh=rp.bg_iou_thresh,
+        num=rp.batch_size_per_image, positive_fraction=rp.positive_fraction))(
+            keys_anchor, all_anchors, all_ok, gt_boxes, gt_ok)
+    loss_obj, loss_rpn_box = rpn_losses(all_logits, all_deltas, at, loss_type=rp.loss_type,
+                                        beta=rp.smooth_l1_beta)
+
+    rt = jax.vmap(lambda k, p, pok, g, c, gok: tgt.roi_targets(
+        k, p, pok, g, c, gok, fg_thresh=r.fg_iou_thresh, bg_thresh=r.bg_iou_thresh,
+        num=r.batch_size_per_image, positive_fraction=r.positive_fraction,
+        box_weights=tuple(r.box_weights)))(
+            keys_roi, proposals, proposal_ok, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok)
+    class_logits, box_deltas = m.box_predictions(feats, rt.rois, info)
+    loss_cls, loss_box = box_head_losses(class_logits, box_deltas, rt, loss_type=r.box_loss_type,
+                                         beta=r.smooth_l1_beta)
+    losses = {'loss_objectness': loss_obj, 'loss_rpn_box_reg': loss_rpn_box,
+              'loss_classifier': loss_cls, 'loss_box_reg': loss_box}
+    aux = {'num_pos_anchors': jnp.sum(at.labels * at.weights) / b,
+           'num_pos_rois': jnp.sum((rt.labels > 0) * rt.weights) / b,
+           'num_proposals': jnp.sum(proposal_ok) / b}
+
+    if m.mask_head is not None:
+        # Positives occupy the first slots of the sample; the mask head sees up to max_mask_rois.
+        k = min(r.max_mask_rois, rt.rois.shape[1])
+        mrois = rt.rois[:, :k]
+        mlabels = rt.labels[:, :k]
+        mweights = ((mlabels > 0) * rt.weights[:, :k]).astype(jnp.float32)
+        mgt = rt.matched_gt[:, :k]
+        gt_b = jnp.take_along_axis(gt_boxes, mgt[..., None], axis=1)
+        gt_m = jnp.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
+        mt = jax.vmap(lambda ro, gb, gm: tgt.mask_targets(
+            ro, gb, gm, r.mask_resolution, soft=r.soft_mask_targets))(mrois, gt_b, gt_m)
+        mask_logits = m.mask_predictions(feats, mrois, mlabels, info)
+        losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
+    return losses, aux
+
+
+def make_loss_fn(model, cfg_model: ml_collections.ConfigDict) -> Callable[..., Any]:
+    """(variables, batch, key) -> (total loss, {'losses': per-term dict, **aux}), pure."""
+    def loss_fn(variables, batch, key):
+        losses, aux = model.apply(variables, batch, key, cfg_model, method=_forward_train)
+        total = sum(losses.values())
+        return total, {'losses': losses, **aux}
+    return loss_fn
