@@ -36,6 +36,8 @@ def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
 
 
 def _reg_loss(x, loss_type: str, beta: float):
+    if loss_type not in ('smooth_l1', 'l1'):   # a typo must not silently train with L1
+        raise ValueError(f"unknown regression loss_type {loss_type!r}: 'smooth_l1' or 'l1'")
     return smooth_l1(x, beta if loss_type == 'smooth_l1' else 0.0)
 
 
@@ -70,8 +72,15 @@ def mask_head_loss(mask_logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.
     return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDict):
-    """Runs inside model.apply (m is the bound MaskRCNN). Returns (losses dict, aux dict)."""
+def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDict, *,
+                   with_targets: bool = False):
+    """Runs inside model.apply (m is the bound MaskRCNN). Returns (losses dict, aux dict).
+
+    with_targets: aux also holds 'targets' (for tests and debugging): 'anchors' AnchorTargets and
+    'rois' RoiTargets (batched [B, S]), 'proposals' [B, P, 4], 'proposal_scores' / 'proposal_ok'
+    [B, P], and with a mask head 'mask_targets' [B, R, 28, 28] / 'mask_weights' [B, R] of the
+    first R = min(max_mask_rois, S) sampled RoIs (positives first).
+    """
     images, info = batch['images'], batch['image_info']
     b = images.shape[0]
     rp, r = cfg.rpn, cfg.roi
@@ -84,7 +93,7 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
     feats = m.features(images, info)
     logits, deltas = m.rpn(feats, info)
     anchors, anchor_ok = m.anchors(feats, info)
-    proposals, _, proposal_ok = select_proposals(
+    proposals, proposal_scores, proposal_ok = select_proposals(
         logits, deltas, anchors, anchor_ok, m.image_hw(info), pre_nms_topk=m.rpn_pre_nms_topk_train,
         post_nms_topk=m.rpn_post_nms_topk_train, nms_thresh=m.rpn_nms_thresh, min_size=m.rpn_min_size)
 
@@ -126,13 +135,23 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
             ro, gb, gm, r.mask_resolution, soft=r.soft_mask_targets))(mrois, gt_b, gt_m)
         mask_logits = m.mask_predictions(feats, mrois, mlabels, info)
         losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
+    if with_targets:
+        aux['targets'] = {'anchors': at, 'rois': rt, 'proposals': proposals,
+                          'proposal_scores': proposal_scores, 'proposal_ok': proposal_ok}
+        if m.mask_head is not None:
+            aux['targets'].update(mask_targets=mt, mask_weights=mweights)
     return losses, aux
 
 
-def make_loss_fn(model, cfg_model: ml_collections.ConfigDict) -> Callable[..., Any]:
-    """(variables, batch, key) -> (total loss, {'losses': per-term dict, **aux}), pure."""
+def make_loss_fn(model, cfg_model: ml_collections.ConfigDict, *, with_targets: bool = False
+                 ) -> Callable[..., Any]:
+    """(variables, batch, key) -> (total loss, {'losses': per-term dict, **aux}), pure.
+
+    with_targets: aux also carries the sampled targets (see `_forward_train`); for tests.
+    """
     def loss_fn(variables, batch, key):
-        losses, aux = model.apply(variables, batch, key, cfg_model, method=_forward_train)
+        losses, aux = model.apply(variables, batch, key, cfg_model, with_targets=with_targets,
+                                  method=_forward_train)
         total = sum(losses.values())
         return total, {'losses': losses, **aux}
     return loss_fn

@@ -126,6 +126,7 @@ class RoiTargets(NamedTuple):
     weights: jnp.ndarray      # [S] float32, 0 for padding rows
     box_targets: jnp.ndarray  # [S, 4] encoded with the box weights; meaningful where labels > 0
     matched_gt: jnp.ndarray   # [S] int32 GT index (meaningful where labels > 0)
+    indices: jnp.ndarray      # [S] int32 into the candidates [proposals (P); GT boxes (G)]
 
 
 def roi_targets(key, proposals: jnp.ndarray, proposal_ok: jnp.ndarray, gt_boxes: jnp.ndarray,
@@ -147,7 +148,7 @@ def roi_targets(key, proposals: jnp.ndarray, proposal_ok: jnp.ndarray, gt_boxes:
     labels = jnp.where(is_pos, gt_classes[gt_idx], 0).astype(jnp.int32)
     targets = box_ops.encode_boxes(gt_boxes[gt_idx], rois, box_weights)
     targets = jnp.where(is_pos[:, None], targets, 0.0)
-    return RoiTargets(rois, labels, w, targets, gt_idx.astype(jnp.int32))
+    return RoiTargets(rois, labels, w, targets, gt_idx.astype(jnp.int32), idx)
 
 
 def mask_targets(rois: jnp.ndarray, gt_boxes: jnp.ndarray, gt_masks: jnp.ndarray,

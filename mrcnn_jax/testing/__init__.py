@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that need a reference implementation (torch optional)."""
