@@ -1,29 +1,36 @@
 # Two commands for a fresh machine with Python 3.11 and make: `make demo` and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-test
+BASE   := $(VENV)/.installed-base
+TEST   := $(VENV)/.installed-test
 PYTEST_ARGS ?=
+DEMO_DIR ?= demo_out
 
 .PHONY: test demo venv clean
 
 $(PY):
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need Python 3.11 on PATH (or: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Reinstall when the dependency list changes.
-$(STAMP): pyproject.toml | $(PY)
+# The demo needs the package with tf.data and COCO tools; the tests add torch/torchvision for
+# parity checks. Each step reruns when pyproject.toml changes.
+$(BASE): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[all]"
+	@touch $(BASE)
+
+$(TEST): pyproject.toml $(BASE)
 	$(PY) -m pip install -q -e ".[test]"
-	@touch $(STAMP)
+	@touch $(TEST)
 
-venv: $(STAMP)
+venv: $(TEST)
 
-test: $(STAMP)
+test: $(TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(PY) -m mrcnn_jax.cli demo
+demo: $(BASE)
+	$(PY) -m mrcnn_jax.cli demo --workdir $(DEMO_DIR)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)

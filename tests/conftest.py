@@ -15,9 +15,17 @@ except ImportError:  # the parity tests skip themselves when torch is absent
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Many tests compile the same small programs (the tiny model's inference and train step), in
+# this process and in subprocesses: a persistent compilation cache shared by all of them turns
+# repeated multi-second XLA compiles into cache reads. Set before jax is imported (subprocesses
+# inherit it through the environment).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(REPO / '.pytest_cache' / 'jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 

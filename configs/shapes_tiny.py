@@ -1,0 +1,60 @@
+"""A small Mask R-CNN on the built-in synthetic shapes dataset, trainable on a 2-core CPU.
+
+    mrcnn-jax train --config configs/shapes_tiny.py --workdir W --config.train.steps=20
+
+ResNet-18 at half width with GroupNorm (trained from scratch: there are no pretrained weights
+to freeze), a 64-channel FPN and light heads, on 256 x 256 images of 4 shape classes. The
+dataset is generated into data.synthetic_dir (a cache folder by default) when missing.
+"""
+
+from mrcnn_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.seed = 0
+    m = c.model
+    m.num_classes = 5                       # background + circle, square, triangle, star
+    m.backbone.depth = 18
+    m.backbone.width = 32
+    m.backbone.norm = 'gn'
+    m.backbone.frozen_stages = 0
+    m.fpn.channels = 64
+    m.anchors.sizes = (16, 32, 64, 128, 256)
+    m.rpn.pre_nms_topk_train = 1000
+    m.rpn.post_nms_topk_train = 500
+    m.rpn.pre_nms_topk_test = 500
+    m.rpn.post_nms_topk_test = 300
+    m.rpn.batch_size_per_image = 128
+    m.roi.batch_size_per_image = 128
+    m.roi.fc_dim = 256
+    m.roi.mask_head_convs = 2
+    m.roi.mask_head_channels = 64
+    m.roi.max_mask_rois = 32
+    m.roi.detections_per_img = 50
+    m.roi.pre_nms_candidates = 1000
+
+    d = c.data
+    d.source = 'synthetic'
+    d.synthetic_image_size = 256
+    d.synthetic_num_train = 400
+    d.synthetic_num_val = 50
+    d.canvas = (256, 256)
+    d.min_size = (256,)
+    d.max_size = 256
+    d.test_min_size = 256
+    d.test_max_size = 256
+    d.max_instances = 12
+    d.mask_size = 56
+
+    t = c.train
+    t.batch_size = 4
+    t.steps = 3000
+    t.base_lr = 0.02
+    t.warmup_steps = 100
+    t.decay_steps = (2400, 2800)
+    t.checkpoint_every = 500
+    t.log_every = 50
+    t.eval_every = 0
+    c.eval.batch_size = 4
+    return c
