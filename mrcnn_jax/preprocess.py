@@ -7,7 +7,7 @@ of shapes. The numbers reproduce torchvision's:
     floor(h * scale) in double precision (torch.nn.functional.interpolate with
     recompute_scale_factor=True), or round() with the Detectron2 rule;
   * bilinear, align_corners=False, no antialias, with the scale recomputed as in / out, all in
-    float32 in the same order as torch's CPU kernel;
+    float32 with the operation order and FMA rounding of torch's CPU kernels (`resize_bilinear`);
   * normalize before resizing ((x / 255 - mean) / std, RGB), pad with zeros.
 """
 
@@ -38,8 +38,25 @@ def resized_size(h: int, w: int, min_size: float, max_size: float, rule: str = '
     raise ValueError(f'unknown resize rule {rule!r}')
 
 
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add a * b + c, rounded once: the float32 product is exact in
+    float64, so one float64 add and one rounding to float32 reproduce it (barring a double
+    rounding that needs the sum to be inexact in float64 and then tie in float32)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c).astype(np.float32)
+
+
 def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """image [H, W, C] float32 -> [oh, ow, C] float32, as F.interpolate(bilinear, align_corners=False)."""
+    """image [H, W, C] float32 -> [oh, ow, C] float32, as F.interpolate(bilinear, align_corners=False).
+
+    Bit for bit what torch's CPU kernel computes with more than one thread. torch picks one of two
+    kernels (UpSampleKernel.cpp), both compiled with FMA contraction, so rounding follows them:
+      * oh + ow > 128: the generic separable kernel, `t0 * w0 + t1 * w1` per axis (x inner, y
+        outer), contracted to fma(t0, w0, t1 * w1);
+      * oh + ow <= 128: the channels-last kernel, `x00 * w00 + x01 * w01 + x10 * w10 + x11 * w11`
+        with w_ij = wy_i * wx_j, contracted to fma(x11, w11, fma(x10, w10, fma(x00, w00, x01 * w01))).
+    (torch with a single thread uses the channels-last kernel for 3-channel images of any size,
+    so its own result then differs from this one by an ulp at some pixels.)
+    """
     image = np.asarray(image, np.float32)
     h, w = image.shape[:2]
     oh, ow = out_hw
@@ -47,12 +64,18 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     x0, x1, wx0, wx1 = (a[0] for a in linear_taps(np.arange(ow)[None], np.asarray([ow]), w))
     wx0 = wx0[None, :, None]
     wx1 = wx1[None, :, None]
+    wy0 = wy0[:, None, None]
+    wy1 = wy1[:, None, None]
     rows0 = image[y0]
     rows1 = image[y1]
-    # torch CPU kernel order: (x00 * wx0 + x01 * wx1) * wy0 + (x10 * wx0 + x11 * wx1) * wy1
-    top = rows0[:, x0] * wx0 + rows0[:, x1] * wx1
-    bot = rows1[:, x0] * wx0 + rows1[:, x1] * wx1
-    return top * wy0[:, None, None] + bot * wy1[:, None, None]
+    if oh + ow > 128:
+        top = _fma(rows0[:, x0], wx0, rows0[:, x1] * wx1)
+        bot = _fma(rows1[:, x0], wx0, rows1[:, x1] * wx1)
+        return _fma(top, wy0, bot * wy1)
+    out = rows0[:, x1] * (wy0 * wx1)
+    out = _fma(rows0[:, x0], wy0 * wx0, out)
+    out = _fma(rows1[:, x0], wy1 * wx0, out)
+    return _fma(rows1[:, x1], wy1 * wx1, out)
 
 
 def default_buckets(min_size: int, max_size: int, size_divisible: int = 32) -> list[tuple[int, int]]:

@@ -78,6 +78,14 @@ def _rename_legacy(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _need(sd: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    """sd[key] for reading the architecture; a missing key is a StateDictError naming it."""
+    if key not in sd:
+        raise StateDictError(f'state_dict does not match the model:\n  missing keys (1): {key} '
+                             '(needed to read the architecture)')
+    return sd[key]
+
+
 def model_config_from_state_dict(sd: Mapping[str, np.ndarray]) -> ml_collections.ConfigDict:
     """The `config.model` that this state_dict's architecture needs (torchvision semantics)."""
     if 'backbone.body.conv1.weight' not in sd or 'roi_heads.box_predictor.cls_score.weight' not in sd:
@@ -95,25 +103,25 @@ def model_config_from_state_dict(sd: Mapping[str, np.ndarray]) -> ml_collections
     if key not in table:
         raise StateDictError(f'unsupported ResNet layout: {key[0]} blocks {key[1]}')
     cfg.backbone.depth = table[key]
-    cfg.backbone.width = int(sd['backbone.body.conv1.weight'].shape[0])
+    cfg.backbone.width = int(_need(sd, 'backbone.body.conv1.weight').shape[0])
     if bottleneck:
-        w2 = sd['backbone.body.layer1.0.conv2.weight']          # [width, width / groups, 3, 3]
+        w2 = _need(sd, 'backbone.body.layer1.0.conv2.weight')   # [width, width / groups, 3, 3]
         width = w2.shape[0]
         groups = width // w2.shape[1]
         cfg.backbone.groups = groups
         cfg.backbone.width_per_group = int(width * 64 // (cfg.backbone.width * groups))
-    cfg.num_classes = int(sd['roi_heads.box_predictor.cls_score.weight'].shape[0])
-    cfg.fpn.channels = int(sd['backbone.fpn.inner_blocks.0.0.weight'].shape[0])
-    cfg.roi.fc_dim = int(sd['roi_heads.box_head.fc6.weight'].shape[0])
+    cfg.num_classes = int(_need(sd, 'roi_heads.box_predictor.cls_score.weight').shape[0])
+    cfg.fpn.channels = int(_need(sd, 'backbone.fpn.inner_blocks.0.0.weight').shape[0])
+    cfg.roi.fc_dim = int(_need(sd, 'roi_heads.box_head.fc6.weight').shape[0])
     cfg.mask_on = 'roi_heads.mask_predictor.mask_fcn_logits.weight' in sd
-    num_anchors = int(sd['rpn.head.cls_logits.weight'].shape[0])
+    num_anchors = int(_need(sd, 'rpn.head.cls_logits.weight').shape[0])
     if num_anchors != len(cfg.anchors.aspect_ratios):
         raise StateDictError(f'rpn.head.cls_logits has {num_anchors} anchors per location; '
                              f'expected {len(cfg.anchors.aspect_ratios)} (one size x 3 ratios)')
     if cfg.mask_on:
         n = len({k.split('.')[2] for k in sd if k.startswith('roi_heads.mask_head.')})
         cfg.roi.mask_head_convs = n
-        cfg.roi.mask_head_channels = int(sd['roi_heads.mask_head.0.0.weight'].shape[0])
+        cfg.roi.mask_head_channels = int(_need(sd, 'roi_heads.mask_head.0.0.weight').shape[0])
     return cfg
 
 

@@ -1,0 +1,400 @@
+"""The composed model: shapes and validity masks of every stage on the tiny config, Faster R-CNN
+without a mask branch, ResNet variants (eval_shape), frozen stages, bfloat16 compute, and a
+ResNeXt backbone converted from torchvision.
+
+Compilation dominates on CPU (running a tiny model eagerly compiles every op, which is slower
+still), so each test compiles one program: the tiny model is initialised once (jit, 64 px canvas)
+and all its stages run in one jitted function; other tests use eval_shape, or random variables
+filled in numpy from eval_shape's structure.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+import pytest
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from mrcnn_jax.config import load_config
+from mrcnn_jax.models.mask_rcnn import MaskRCNN, build_model
+from mrcnn_jax.models.resnet import ResNet
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CANVAS = (128, 128)
+# Image 0 resized to 96 x 72 (torchvision pads it to 96 x 96), image 1 fills the canvas.
+INFO = np.asarray([[120, 90, 96, 72, 0.8, 0.8],
+                   [128, 128, 128, 128, 1.0, 1.0]], np.float32)
+
+
+def tiny_config():
+    return load_config(REPO / 'configs' / 'tiny_test.py')
+
+
+def _images(seed=0, batch=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (batch,) + CANVAS + (3,)).astype(np.float32)
+    for b in range(batch):   # zero outside each image's resized region, as the Predictor pads
+        h, w = int(INFO[b, 2]), int(INFO[b, 3])
+        x[b, h:] = 0
+        x[b, :, w:] = 0
+    return jnp.asarray(x)
+
+
+def _init(model, key=0, canvas=(64, 64)):
+    """model.init, jitted, on a small canvas (the variables do not depend on the canvas).
+
+    An 'unsafe_rbg' key: with the default threefry the compilation of ~100 initializers takes
+    three times as long as the rest of the test."""
+    images = jnp.zeros((1,) + canvas + (3,), jnp.float32)
+    info = jnp.asarray([[canvas[0], canvas[1], canvas[0], canvas[1], 1, 1]], jnp.float32)
+    return jax.jit(lambda k: model.init(k, images, info))(jax.random.key(key, impl='unsafe_rbg'))
+
+
+def _random_variables(module, *args, seed=0, **kwargs):
+    """Random variables of the right structure without running init (eval_shape + numpy):
+    He-normal kernels, small biases, frozen-BN / GroupNorm statistics around (1, 0)."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = str(getattr(path[-1], 'key', path[-1]))
+        if name.endswith('kernel'):
+            return jnp.asarray(rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape), jnp.float32)
+        if name in ('weight', 'scale', 'running_var'):
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)   # biases, running means
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _run_stages(model, variables, images, info):
+    """Every stage through its own model.apply, with the same variables."""
+    def ap(method, *args):
+        return model.apply(variables, *args, method=method)
+    feats = ap(MaskRCNN.features, images, info)
+    logits, deltas = ap(MaskRCNN.rpn, feats, info)
+    anchors, anchor_valid = ap(MaskRCNN.anchors, feats, info)
+    boxes, scores, valid, _ = ap(MaskRCNN.proposals, feats, info)
+    cls_logits, box_deltas = ap(MaskRCNN.box_predictions, feats, boxes, info)
+    det = ap(MaskRCNN.detect, feats, info)
+    out = dict(feats=feats, logits=logits, deltas=deltas, anchors=anchors, anchor_valid=anchor_valid,
+               proposals=boxes, proposal_scores=scores, proposal_valid=valid, cls_logits=cls_logits,
+               box_deltas=box_deltas, det=det)
+    if model.mask_head is not None:
+        out['mask_logits'] = ap(MaskRCNN.mask_predictions, feats, det['boxes'], det['labels'], info)
+    return out
+
+
+D = 100   # detections_per_img: more than the 24 proposals x 4 classes, so padding rows appear
+P = 24    # post-NMS proposals per image
+
+
+@pytest.fixture(scope='module')
+def tiny():
+    """The tiny model, its initialised variables, and every stage's output (one compilation)."""
+    cfg = tiny_config()
+    cfg.model.roi.detections_per_img = D
+    cfg.model.rpn.post_nms_topk_test = P
+    model = build_model(cfg.model)
+    variables = _init(model)
+    images = _images()
+    info = jnp.asarray(INFO)
+    res = jax.jit(lambda v, x, i: _run_stages(model, v, x, i))(variables, images, info)
+    return cfg, model, variables, images, info, jax.tree_util.tree_map(np.asarray, res)
+
+
+def _flat(tree):
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def test_init_variables(tiny):
+    cfg, model, variables, *_ = tiny
+    assert set(variables) == {'params'}   # GroupNorm config: no frozen statistics
+    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'box_head', 'mask_head'}
+    for k, v in _flat(variables['params']).items():
+        assert v.dtype == jnp.float32, k
+    p = variables['params']
+    assert p['box_head']['cls_score']['kernel'].shape == (cfg.model.roi.fc_dim, 5)
+    assert p['box_head']['bbox_pred']['kernel'].shape == (cfg.model.roi.fc_dim, 20)
+    assert p['rpn_head']['cls_logits']['kernel'].shape == (1, 1, 32, 3)
+    assert p['mask_head']['mask_fcn_logits_kernel'].shape == (32, 5)
+    assert 'mask_fcn2' in p['mask_head'] and 'mask_fcn3' not in p['mask_head']
+    # The same structure whatever the canvas (the Predictor relies on it).
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((2, 96, 160, 3), jnp.float32),
+                            jax.ShapeDtypeStruct((2, 6), jnp.float32))
+    assert jax.tree_util.tree_map(lambda x: x.shape, shapes) == jax.tree_util.tree_map(lambda x: x.shape, variables)
+
+
+def test_apply_shapes_and_valid(tiny):
+    cfg, model, variables, images, info, res = tiny
+    out = res['det']
+    assert set(out) == {'boxes', 'scores', 'labels', 'valid', 'masks'}
+    assert out['boxes'].shape == (2, D, 4) and out['boxes'].dtype == np.float32
+    assert out['scores'].shape == (2, D) and out['scores'].dtype == np.float32
+    assert out['labels'].shape == (2, D) and out['labels'].dtype == np.int32
+    assert out['valid'].shape == (2, D) and out['valid'].dtype == np.bool_
+    assert out['masks'].shape == (2, D, 28, 28) and out['masks'].dtype == np.float32
+    counts = out['valid'].sum(axis=1)
+    assert (counts > 0).all(), 'random tiny model should detect something'
+    assert (counts <= P * 4).all() and (counts > 10).all()
+    for b in range(2):
+        v = out['valid'][b]
+        rh, rw = INFO[b, 2], INFO[b, 3]
+        boxes = out['boxes'][b][v]
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
+        assert (boxes[:, 2] <= rw).all() and (boxes[:, 3] <= rh).all(), 'boxes must be clipped to the image'
+        assert (boxes[:, 2:] - boxes[:, :2] >= cfg.model.roi.min_size).all()
+        s = out['scores'][b][v]
+        assert (s > cfg.model.roi.score_thresh).all() and (np.diff(s) <= 0).all()
+        assert ((out['labels'][b][v] >= 1) & (out['labels'][b][v] < 5)).all()
+        m = out['masks'][b][v]
+        assert (m >= 0).all() and (m <= 1).all()
+        # Valid rows first, padding rows zero.
+        n = int(v.sum())
+        assert v[:n].all() and not v[n:].any()
+        for k in ('boxes', 'scores', 'labels'):
+            assert (out[k][b][~v] == 0).all(), k
+
+
+def test_stages_callable_alone(tiny):
+    cfg, model, variables, images, info, res = tiny
+    feats = res['feats']
+    assert [f.shape for f in feats] == [(2, 32, 32, 32), (2, 16, 16, 32), (2, 8, 8, 32), (2, 4, 4, 32),
+                                        (2, 2, 2, 32)]
+    n = [f.shape[1] * f.shape[2] * 3 for f in feats]
+    assert [l.shape for l in res['logits']] == [(2, k) for k in n]
+    assert [d.shape for d in res['deltas']] == [(2, k, 4) for k in n]
+    assert [a.shape for a in res['anchors']] == [(2, k, 4) for k in n]
+    # Image 0 pads to 96 x 96: its valid cells are ceil(96 / 2^l) squared (P6: 2 x 2, all of it).
+    expect0 = [24 * 24 * 3, 12 * 12 * 3, 6 * 6 * 3, 3 * 3 * 3, 2 * 2 * 3]
+    assert [int(v[0].sum()) for v in res['anchor_valid']] == expect0
+    assert [int(v[1].sum()) for v in res['anchor_valid']] == n
+
+    p = cfg.model.rpn.post_nms_topk_test
+    boxes, scores, valid = res['proposals'], res['proposal_scores'], res['proposal_valid']
+    assert boxes.shape == (2, p, 4) and scores.shape == (2, p) and valid.shape == (2, p)
+    for b in range(2):
+        assert valid[b].all()   # plenty of anchors for 24 proposals
+        vb = boxes[b][valid[b]]
+        assert (vb >= 0).all() and (vb[:, 2] <= INFO[b, 3]).all() and (vb[:, 3] <= INFO[b, 2]).all()
+        assert (np.diff(scores[b][valid[b]]) <= 0).all()
+        assert (boxes[b][~valid[b]] == 0).all()
+    assert res['cls_logits'].shape == (2, p, 5) and res['box_deltas'].shape == (2, p, 5, 4)
+
+    # The stages compose to the model: detect(features) and the mask head on its detections.
+    assert res['mask_logits'].shape == (2, D, 28, 28)
+    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(res['mask_logits'])), res['det']['masks'],
+                               rtol=1e-6, atol=1e-6)
+    # __call__ is features + detect: same outputs (values are checked through the Predictor tests).
+    call = jax.eval_shape(model.apply, variables, images, info)
+    assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), call) == jax.tree_util.tree_map(
+        lambda x: (x.shape, x.dtype), res['det'])
+
+
+def test_faster_rcnn_has_no_mask_branch():
+    cfg = tiny_config()
+    cfg.model.mask_on = False
+    model = build_model(cfg.model)
+    assert model.mask_head is None
+    images = jax.ShapeDtypeStruct((1,) + CANVAS + (3,), jnp.float32)
+    info = jax.ShapeDtypeStruct((1, 6), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, info)
+    assert 'mask_head' not in variables['params']
+    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'box_head'}
+    out = jax.eval_shape(model.apply, variables, images, info)
+    assert set(out) == {'boxes', 'scores', 'labels', 'valid'}
+
+
+def _resnet_shapes(depth, **kw):
+    net = ResNet(depth=depth, **kw)
+    x = jax.ShapeDtypeStruct((1, 224, 320, 3), jnp.float32)
+    variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
+    outs, state = jax.eval_shape(lambda v, x: net.apply(v, x, capture_intermediates=True,
+                                                        mutable=['intermediates']), variables, x)
+    return net, variables, outs, state['intermediates']
+
+
+@pytest.mark.parametrize('depth, channels, blocks', [
+    (18, (64, 128, 256, 512), (2, 2, 2, 2)),
+    (34, (64, 128, 256, 512), (3, 4, 6, 3)),
+    (50, (256, 512, 1024, 2048), (3, 4, 6, 3)),
+    (101, (256, 512, 1024, 2048), (3, 4, 23, 3)),
+])
+def test_resnet_depths(depth, channels, blocks):
+    net, variables, outs, _ = _resnet_shapes(depth)
+    assert [o.shape for o in outs] == [(1, 56, 80, channels[0]), (1, 28, 40, channels[1]),
+                                       (1, 14, 20, channels[2]), (1, 7, 10, channels[3])]
+    assert list(net.out_channels) == list(channels)
+    names = set(variables['params'])
+    for i, n in enumerate(blocks):
+        assert f'layer{i + 1}_{n - 1}' in names and f'layer{i + 1}_{n}' not in names
+    # FrozenBN statistics live outside 'params'.
+    assert 'bn1' in variables['frozen'] and 'bn1' not in variables['params']
+
+
+@pytest.mark.parametrize('stride_in_1x1', [False, True])
+def test_resnet_stride_in_1x1(stride_in_1x1):
+    _, _, outs, inter = _resnet_shapes(50, stride_in_1x1=stride_in_1x1)
+    assert [o.shape[1:3] for o in outs] == [(56, 80), (28, 40), (14, 20), (7, 10)]
+    for layer, (h, w) in (('layer2_0', (56, 80)), ('layer3_0', (28, 40)), ('layer4_0', (14, 20))):
+        conv1 = inter[layer]['conv1']['__call__'][0].shape
+        conv2 = inter[layer]['conv2']['__call__'][0].shape
+        if stride_in_1x1:   # MSRA / Detectron2: the first 1x1 strides
+            assert conv1[1:3] == (h // 2, w // 2) and conv2[1:3] == (h // 2, w // 2)
+        else:               # torchvision v1.5: the 3x3 strides
+            assert conv1[1:3] == (h, w) and conv2[1:3] == (h // 2, w // 2)
+
+
+def test_resnext_shapes():
+    _, variables, outs, _ = _resnet_shapes(50, groups=32, width_per_group=4)
+    assert [o.shape[-1] for o in outs] == [256, 512, 1024, 2048]
+    p = variables['params']
+    assert p['layer1_0']['conv2']['kernel'].shape == (3, 3, 4, 128)     # 32 groups of 4 channels
+    assert p['layer4_0']['conv2']['kernel'].shape == (3, 3, 32, 1024)
+
+
+def _stage_grad_norms(nets, variables, x):
+    """Per net, sum |d loss / d param| by stage (stem, layer1..4); one compilation for all nets."""
+    def loss(net, params):
+        outs = net.apply({**variables, 'params': params}, x)
+        return sum(jnp.sum(o * jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape))) for o in outs)
+    grads = jax.jit(lambda p: [jax.grad(functools.partial(loss, n))(p) for n in nets])(variables['params'])
+    result = []
+    for g in grads:
+        norms = {}
+        for k, v in _flat(g).items():
+            top = k.split('/')[0]
+            stage = top.split('_')[0] if top.startswith('layer') else 'stem'
+            norms[stage] = norms.get(stage, 0.0) + float(jnp.sum(jnp.abs(v)))
+        result.append(norms)
+    return result
+
+
+@pytest.mark.parametrize('norm', ['gn', 'frozen_bn'])
+def test_frozen_stages_stop_gradients(norm):
+    """frozen_stages k: the stem (k >= 1) and layer1..layer(k-1) get exactly zero gradient, the
+    rest a non-zero one (GroupNorm's scale / bias included; FrozenBN has no params at all)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
+    order = ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
+    variables = _random_variables(ResNet(depth=18, width=8, norm=norm), x)
+    if norm == 'gn':
+        assert 'gn' in variables['params']['bn1'] and 'gn' in variables['params']['layer1_0']['bn1']
+    else:
+        assert 'frozen' in variables and 'bn1' not in variables['params']
+    frozen = (1, 3)
+    nets = [ResNet(depth=18, width=8, norm=norm, frozen_stages=k) for k in frozen]
+    for k, norms in zip(frozen, _stage_grad_norms(nets, variables, x)):
+        assert set(norms) == set(order)
+        for i, stage in enumerate(order):
+            if i < k:
+                assert norms[stage] == 0.0, (k, stage)
+            else:
+                assert norms[stage] > 0.0, (k, stage)
+
+
+def test_bfloat16_close_to_float32(tiny):
+    cfg, model, variables, images, info, res = tiny
+    cfg16 = tiny_config()
+    cfg16.model.roi.detections_per_img = D
+    cfg16.model.rpn.post_nms_topk_test = P
+    cfg16.model.dtype = 'bfloat16'
+    m16 = build_model(cfg16.model)
+
+    def run16(v, x, i, rois):   # same (float32) variables
+        feats = m16.apply(v, x, i, method=MaskRCNN.features)
+        logits, _ = m16.apply(v, feats, i, method=MaskRCNN.rpn)
+        cls_logits, _ = m16.apply(v, feats, rois, i, method=MaskRCNN.box_predictions)
+        return feats, logits, cls_logits, m16.apply(v, feats, i, method=MaskRCNN.detect)
+    feats, logits, cls_logits, out = jax.tree_util.tree_map(
+        np.asarray, jax.jit(run16)(variables, images, info, jnp.asarray(res['proposals'])))
+    for a, b in zip(res['feats'], feats):
+        assert b.dtype == jnp.bfloat16
+        err = np.abs(a - b.astype(np.float32))
+        assert err.max() < 6e-2 * np.abs(a).max() and err.mean() < 4e-2 * np.abs(a).mean()
+    for a, b in zip(res['logits'], logits):
+        assert b.dtype == np.float32
+        assert np.abs(a - b).max() < 3e-2 * np.abs(a).max() + 1e-3
+    assert cls_logits.dtype == np.float32
+    p32, p16 = jax.nn.softmax(res['cls_logits']), jax.nn.softmax(cls_logits)
+    assert float(jnp.abs(p32 - p16).max()) < 1e-2
+    # The whole bfloat16 program runs; box maths and outputs stay float32.
+    for k in ('boxes', 'scores', 'masks'):
+        assert out[k].dtype == np.float32 and np.isfinite(out[k]).all(), k
+    assert out['valid'].sum() > 0
+    n32 = int(res['det']['valid'].sum())
+    assert abs(int(out['valid'].sum()) - n32) <= 0.1 * n32
+
+
+def test_padding_masks_make_canvas_irrelevant():
+    """FrozenBN tiny model: an image on a larger canvas gets the features it gets on a canvas of
+    exactly its padded size, inside that region (GroupNorm's statistics would see the canvas)."""
+    cfg = tiny_config()
+    cfg.model.backbone.norm = 'frozen_bn'
+    model = build_model(cfg.model)
+    info = jnp.asarray(INFO[:1])                 # resized 96 x 72, padded 96 x 96
+    x = _images(seed=3, batch=1)
+    variables = _random_variables(model, x, info, method=MaskRCNN.features)
+    unmasked = model.clone(mask_padding=False)
+
+    def run(v, big, small):
+        return (model.apply(v, big, info, method=MaskRCNN.features),
+                model.apply(v, small, info, method=MaskRCNN.features),
+                unmasked.apply(v, big, info, method=MaskRCNN.features))
+    f_big, f_small, f_unmasked = jax.jit(run)(variables, x, x[:, :96, :96])
+    for a, b in zip(f_big, f_small):
+        h, w = b.shape[1:3]
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(np.asarray(a[:, :h, :w]), np.asarray(b), rtol=0, atol=1e-5 * scale)
+    # Without masking the region's border sees the canvas beyond it.
+    scale = float(jnp.abs(f_small[0]).max())
+    assert float(jnp.abs(f_unmasked[0][:, :24, :24] - f_small[0]).max()) > 1e-3 * scale
+
+
+def test_resnext_backbone_matches_torchvision():
+    torch = pytest.importorskip('torch')
+    pytest.importorskip('torchvision')
+    from torchvision.models.detection import MaskRCNN as TVMaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import misc as misc_nn_ops
+
+    from mrcnn_jax.convert import torchvision as tv_convert
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    backbone = resnet_fpn_backbone(backbone_name='resnext50_32x4d', weights=None, trainable_layers=3)
+    tv_model = TVMaskRCNN(backbone, num_classes=91).eval()
+    x = torch.rand(1, 3, 128, 160, generator=gen)
+
+    def calibrate(m, args):   # non-trivial frozen-BN statistics from the layer's own input
+        inp = args[0]
+        c = inp.shape[1]
+        m.running_mean.copy_(inp.mean(dim=(0, 2, 3)) + 0.1 * torch.randn(c, generator=gen))
+        m.running_var.copy_(inp.var(dim=(0, 2, 3)) * (0.8 + 0.4 * torch.rand(c, generator=gen)) + 1e-3)
+        m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+        m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+    with torch.no_grad():
+        hooks = [m.register_forward_pre_hook(calibrate) for m in tv_model.modules()
+                 if isinstance(m, misc_nn_ops.FrozenBatchNorm2d)]
+        tv_model.backbone.body(x)
+        for h in hooks:
+            h.remove()
+        ref = tv_model.backbone(x)
+
+    sd = tv_convert.load_state_dict(tv_model.state_dict())
+    cfg_model = tv_convert.model_config_from_state_dict(sd)
+    assert (cfg_model.backbone.depth, cfg_model.backbone.groups, cfg_model.backbone.width_per_group) == (50, 32, 4)
+    cfg_model.backbone.norm_eps = 1e-5          # torchvision's FrozenBatchNorm2d default
+    variables = tv_convert.convert_state_dict(sd, cfg_model)
+    model = build_model(cfg_model)
+    images = jnp.asarray(x[0].permute(1, 2, 0).numpy()[None])
+    info = jnp.asarray([[128, 160, 128, 160, 1, 1]], jnp.float32)
+    feats = model.apply(variables, images, info, method=MaskRCNN.features)
+    for key, ours in zip(['0', '1', '2', '3', 'pool'], feats):
+        theirs = ref[key][0].permute(1, 2, 0).numpy()
+        assert ours.shape[1:] == theirs.shape
+        rel = float(np.abs(np.asarray(ours[0]) - theirs).max() / np.abs(theirs).max())
+        assert rel < 1e-4, (key, rel)
