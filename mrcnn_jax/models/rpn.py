@@ -68,27 +68,31 @@ def select_proposals(
     objectness = [jax.lax.stop_gradient(o) for o in objectness]
     deltas = [jax.lax.stop_gradient(d) for d in deltas]
     bsz = objectness[0].shape[0]
-    all_boxes, all_scores, all_valid = [], [], []
-    for logit, delta, anc, avalid in zip(objectness, deltas, anchors, anchor_valid):
-        n = logit.shape[1]
-        k = min(pre_nms_topk, n)
+    ks = [min(pre_nms_topk, o.shape[1]) for o in objectness]
+    kmax = max(ks)
+    lvl_boxes, lvl_scores, lvl_valid = [], [], []
+    for logit, delta, anc, avalid, k in zip(objectness, deltas, anchors, anchor_valid, ks):
         avalid = jnp.broadcast_to(avalid, logit.shape)
-        masked = jnp.where(avalid, logit, -jnp.inf)
-        top_logit, idx = jax.lax.top_k(masked, k)                               # [B, k]
+        top_logit, idx = jax.lax.top_k(jnp.where(avalid, logit, -jnp.inf), k)        # [B, k]
         valid = jnp.take_along_axis(avalid, idx, axis=1)
         d = jnp.take_along_axis(delta, idx[..., None], axis=1)
         a = jnp.take_along_axis(jnp.broadcast_to(anc, (bsz,) + anc.shape[1:]), idx[..., None], axis=1)
-        boxes = box_ops.decode_boxes(d, a)
-        boxes = box_ops.clip_boxes(boxes, image_hw[:, None, :])
+        boxes = box_ops.clip_boxes(box_ops.decode_boxes(d, a), image_hw[:, None, :])
         valid = valid & box_ops.nonsmall_boxes(boxes, min_size)
-        prob = jax.nn.sigmoid(top_logit)
-        keep, keep_valid = jax.vmap(lambda b, s, v: nms(b, s, v, nms_thresh, k))(boxes, prob, valid)
-        all_boxes.append(jnp.take_along_axis(boxes, keep[..., None], axis=1))
-        all_scores.append(jnp.take_along_axis(prob, keep, axis=1))
-        all_valid.append(keep_valid)
-    boxes = jnp.concatenate(all_boxes, axis=1)
-    scores = jnp.concatenate(all_scores, axis=1)
-    valid = jnp.concatenate(all_valid, axis=1)
+        pad = kmax - k   # coarse levels with fewer anchors: pad to a common size (invalid rows)
+        lvl_boxes.append(jnp.pad(boxes, ((0, 0), (0, pad), (0, 0))))
+        lvl_scores.append(jnp.pad(jax.nn.sigmoid(top_logit), ((0, 0), (0, pad))))
+        lvl_valid.append(jnp.pad(valid, ((0, 0), (0, pad))))
+    # NMS independently per level (torchvision's batched_nms over level ids), as one program
+    # vmapped over images and levels rather than one NMS per level.
+    boxes = jnp.stack(lvl_boxes, axis=1)                        # [B, L, K, 4]
+    scores = jnp.stack(lvl_scores, axis=1)
+    valid = jnp.stack(lvl_valid, axis=1)
+    per_level = jax.vmap(jax.vmap(lambda b, s, v: nms(b, s, v, nms_thresh, kmax)))
+    keep, keep_valid = per_level(boxes, scores, valid)          # [B, L, K]
+    boxes = jnp.take_along_axis(boxes, keep[..., None], axis=2).reshape(bsz, -1, 4)
+    scores = jnp.take_along_axis(scores, keep, axis=2).reshape(bsz, -1)
+    valid = keep_valid.reshape(bsz, -1)
     p = min(post_nms_topk, boxes.shape[1])
     top, idx = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), p)
     boxes = jnp.take_along_axis(boxes, idx[..., None], axis=1)
