@@ -1,8 +1,9 @@
 """Orbax checkpoints of the whole training state, with exact resume.
 
 A checkpoint at step s holds the TrainState (params, FrozenBN statistics, optimizer state, step,
-PRNG key, skipped-step count) and this host's input-pipeline position (JSON). Saves are
-asynchronous; restore places arrays straight into the target shardings.
+PRNG key, skipped-step count) and the input-pipeline position (JSON; the same global position
+for every host). Saves are asynchronous; restore places arrays straight into the target
+shardings.
 
 "Resume" (this module: same workdir, everything restored) is separate from "initialize from
 weights" (`init_variables_from`: a converted model directory or a backbone only).
@@ -19,14 +20,21 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+DATA_KEY = 'data'      # the input pipeline's position (JSON), written by the primary host
+
 
 class Checkpointer:
     """Thin wrapper over ocp.CheckpointManager for TrainState + data-iterator state."""
 
     def __init__(self, directory, *, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
+        cm = ocp.checkpoint_managers
+        # Every `save_every` steps (and on a preemption signal), but not orbax's default extra
+        # save of the first step: `checkpoint_every=N` means steps N, 2N, ...
+        policy = cm.AnySavePolicy([cm.FixedIntervalPolicy(max(int(save_every), 1)),
+                                   cm.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=max(int(save_every), 1),
+            max_to_keep=max_to_keep, save_decision_policy=policy,
             enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -37,22 +45,24 @@ class Checkpointer:
         """Saves when `step` is on the save interval (or force). Returns whether a save started."""
         args = {'state': ocp.args.StandardSave(state)}
         if data_state is not None:
-            args[f'data_{jax.process_index()}'] = ocp.args.JsonSave(data_state)
+            # One item for all hosts: orbax writes JSON items from the primary host only, so a
+            # per-host name ('data_1') would silently never reach the disk. The pipeline's
+            # position is global (the step; pipeline.py), so host 0's state resumes every host.
+            args[DATA_KEY] = ocp.args.JsonSave(data_state)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
         """Restore into the structure/shardings of `target_state` (arrays or ShapeDtypeStructs
-        with shardings). Returns (state, this host's data state or None, step)."""
+        with shardings). Returns (state, the data-pipeline state or None, step)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
-        data_key = f'data_{jax.process_index()}'
         items = {'state': ocp.args.StandardRestore(abstract)}
-        if (self.directory / str(step) / data_key).exists():
-            items[data_key] = ocp.args.JsonRestore()
+        if (self.directory / str(step) / DATA_KEY).exists():
+            items[DATA_KEY] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out['state'], out.get(data_key) if data_key in items else None, step
+        return out['state'], out[DATA_KEY] if DATA_KEY in items else None, step
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

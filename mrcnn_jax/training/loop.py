@@ -47,6 +47,35 @@ def _fmt_time(s: float) -> str:
     return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()`, once, before any other JAX call of this process.
+
+    TPU pod slices, Slurm and Open MPI are detected automatically. Elsewhere (e.g. GPU nodes
+    started by hand, or several CPU processes on one machine) set on every process
+    JAX_COORDINATOR_ADDRESS=host:port (process 0's address), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (0 .. N-1), optionally JAX_LOCAL_DEVICE_IDS. CPU processes use gloo
+    collectives (jax's default `jax_cpu_collectives_implementation`).
+    """
+    # Not `jax.process_count() == 1`: asking it initializes the backend, after which
+    # jax.distributed.initialize() refuses to run.
+    if jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if os.environ.get('JAX_NUM_PROCESSES'):
+        kwargs['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
+    if os.environ.get('JAX_PROCESS_ID'):
+        kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+    jax.distributed.initialize(**kwargs)
+
+
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+    """Barrier across all processes (a no-op with one) on the coordination service, not on a
+    device collective (those have short timeouts on CPU)."""
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def init_variables(model, cfg: ml_collections.ConfigDict, key: jax.Array) -> dict:
     """Random variables for the config's model (jit-compiled init: much faster than eager)."""
     h, w = _canvas(cfg)
@@ -128,8 +157,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
     evaluate_fn(variables, step) -> dict: periodic evaluation (default: COCO eval of the val split
     when one is configured). on_metrics(step, metrics): a callback (tests, notebooks).
     """
-    if cfg.get('distributed', False) and jax.process_count() == 1:
-        jax.distributed.initialize()
+    if cfg.get('distributed', False):
+        initialize_distributed()
     t = cfg.train
     loop = TrainLoop(cfg, workdir)
     key = jax.random.PRNGKey(cfg.seed)
@@ -164,16 +193,22 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
     metrics = None
     for step in range(start, t.steps):
         batch = next(dataset)
-        batch = {k: v for k, v in batch.items() if k in MODEL_KEYS}
-        state, metrics = step_fn(state, ts.shard_batch(batch, loop.mesh))
+        batch = ts.shard_batch({k: v for k, v in batch.items() if k in MODEL_KEYS}, loop.mesh)
+        if step == start and jax.process_count() > 1:
+            # Compile on every host, then start together: hosts finish compiling at different
+            # times, and CPU (gloo) collectives give up after 30 s without their peers.
+            step_fn.lower(state, batch).compile()
+            sync_processes('mrcnn_jax_train_first_step')
+        state, metrics = step_fn(state, batch)
         window_steps += 1
         done = step + 1
         if done % t.log_every == 0 or done == t.steps or done == start + 1:
             m = jax.device_get(metrics)
             elapsed = time.time() - window_start
             sps = elapsed / window_steps
-            _report(done, t.steps, m, float(schedule(step)), sps, t.batch_size, writer)
             skipped = int(jax.device_get(state.skipped))
+            # The schedule runs on the optimizer's own count, which skipped steps do not advance.
+            _report(done, t.steps, m, float(schedule(max(step - skipped, 0))), sps, t.batch_size, writer)
             if skipped > skipped_seen:
                 _print(f'WARNING: non-finite loss or gradients: {skipped - skipped_seen} update(s) '
                        f'skipped up to step {done} ({skipped} in total); training continues')
@@ -208,8 +243,9 @@ def export_model_dir(cfg, state: ts.TrainState, path, dataset=None) -> pathlib.P
         names = md.get('category_names') or [str(c) for c in md['category_ids']]
         meta['class_names'] = ['__background__'] + list(names)
     variables = jax.device_get(state.variables)
-    if jax.process_index() == 0:
-        save_model_dir(path, cfg, variables, meta)
+    # Every process calls it: orbax's save is collective (barriers; the primary host writes),
+    # so a process-0-only call waits forever for the others.
+    save_model_dir(path, cfg, variables, meta)
     return pathlib.Path(path)
 
 
@@ -223,11 +259,17 @@ def _summary_writer(workdir: pathlib.Path):
     return SummaryWriter(str(workdir / 'tb'))
 
 
+def _fmt_num(x: float) -> str:
+    """Rates and durations from 0.001 to 1e5 with ~3 significant digits, never in e-notation
+    (a slow step printed as '0.0 img/s' or a fast one as '0.00 s/step' says nothing)."""
+    return f'{x:.0f}' if x >= 100 else f'{x:.1f}' if x >= 10 else f'{x:.2f}' if x >= 1 else f'{x:.3f}'
+
+
 def _report(done: int, total: int, m: dict, lr: float, sps: float, batch: int, writer) -> None:
     terms = ' '.join(f'{k.replace("loss_", "")} {float(v):.4f}' for k, v in m.items() if k.startswith('loss_'))
     eta = _fmt_time((total - done) * sps)
-    _print(f'step {done}/{total} | loss {float(m["loss"]):.4f} ({terms}) | lr {lr:.5f} | '
-           f'{sps:.2f} s/step | {batch / max(sps, 1e-9):.1f} img/s | ETA {eta}')
+    _print(f'step {done}/{total} | loss {float(m["loss"]):.4f} ({terms}) | lr {lr:.5g} | '
+           f'{_fmt_num(sps)} s/step | {_fmt_num(batch / max(sps, 1e-9))} img/s | ETA {eta}')
     if writer is not None:
         for k, v in m.items():
             writer.add_scalar(f'train/{k}', float(v), done)

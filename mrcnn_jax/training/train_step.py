@@ -18,6 +18,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+# optax.global_norm is deprecated (a warning per trace) in favour of optax.tree.norm (optax 0.2.5).
+_global_norm = getattr(getattr(optax, 'tree', None), 'norm', None) or optax.global_norm
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jnp.ndarray          # int32 scalar: updates attempted (skipped ones included)
@@ -43,8 +47,17 @@ def create_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Arr
 
 def place_state(state: TrainState, mesh: Mesh) -> TrainState:
     """Replicate a host/single-device state on the mesh, so the first step hits the same compiled
-    program as later ones (their inputs carry the mesh sharding)."""
-    return jax.device_put(state, replicated(mesh))
+    program as later ones (their inputs carry the mesh sharding).
+
+    The placed state never shares a buffer with the caller's arrays: the train step donates its
+    state, and device_put reuses an array already on the mesh's first device (even with
+    may_alias=False when placing onto several devices, jax 0.10), so the first step would delete
+    the caller's `variables` or PRNG key. Arrays go through a host copy first."""
+    def host_copy(x):
+        if isinstance(x, jax.Array) and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return np.array(x)      # np.array copies (np.asarray may be a view of the buffer)
+        return x
+    return jax.device_put(jax.tree_util.tree_map(host_copy, state), replicated(mesh))
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -89,7 +102,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: M
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
         metrics = {'loss': loss, **aux['losses'],
                    **{k: v for k, v in aux.items() if k != 'losses'},
-                   'grad_norm': optax.global_norm(grads), 'finite': finite.astype(jnp.float32)}
+                   'grad_norm': _global_norm(grads), 'finite': finite.astype(jnp.float32)}
         return new_state, metrics
 
     rep = replicated(mesh)
