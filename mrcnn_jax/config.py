@@ -145,11 +145,12 @@ def default_data_config() -> ml_collections.ConfigDict:
 def default_train_config() -> ml_collections.ConfigDict:
     t = ml_collections.ConfigDict()
     t.steps = 90000
+    t.max_seconds = 0.0                    # > 0: stop (and save) once training took this long
     t.batch_size = 16                      # global batch
     t.checkpoint_every = 5000
     t.keep_checkpoints = 3
     t.log_every = 20
-    t.eval_every = 0                       # 0: only at the end
+    t.eval_every = 0                       # > 0: COCO-evaluate the val split every N steps and at the end
     t.base_lr = 0.02
     t.momentum = 0.9
     t.weight_decay = 1e-4

@@ -47,8 +47,9 @@ def save_model_dir(path, config: ml_collections.ConfigDict, variables: Any, meta
 
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
-    (path / 'config.json').write_text(config.to_json(indent=2))
-    (path / 'metadata.json').write_text(json.dumps(metadata, indent=2))
+    if jax.process_index() == 0:   # every host joins the orbax save below; one writes the JSON
+        (path / 'config.json').write_text(config.to_json(indent=2))
+        (path / 'metadata.json').write_text(json.dumps(metadata, indent=2))
     target = path / 'variables'
     variables = jax.tree_util.tree_map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:

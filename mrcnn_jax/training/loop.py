@@ -191,6 +191,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
     window_start, window_steps = time.time(), 0
     skipped_seen = int(jax.device_get(state.skipped))
     metrics = None
+    t_begin = time.time()
+    done = start
     for step in range(start, t.steps):
         batch = next(dataset)
         batch = ts.shard_batch({k: v for k, v in batch.items() if k in MODEL_KEYS}, loop.mesh)
@@ -208,7 +210,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
             sps = elapsed / window_steps
             skipped = int(jax.device_get(state.skipped))
             # The schedule runs on the optimizer's own count, which skipped steps do not advance.
-            _report(done, t.steps, m, float(schedule(max(step - skipped, 0))), sps, t.batch_size, writer)
+            _report(done, t.steps, m, float(schedule(max(step - skipped, 0))), sps, t.batch_size, writer,
+                    first=done == start + 1)
             if skipped > skipped_seen:
                 _print(f'WARNING: non-finite loss or gradients: {skipped - skipped_seen} update(s) '
                        f'skipped up to step {done} ({skipped} in total); training continues')
@@ -222,12 +225,16 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
         if done == kill_after:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
-    if ckpt.latest_step() != t.steps and start < t.steps:
-        ckpt.save(t.steps, state, dataset.get_state(), force=True)
+        if t.get('max_seconds', 0) and time.time() - t_begin > t.max_seconds and done < t.steps:
+            _print(f'time budget of {t.max_seconds:.0f} s reached at step {done}/{t.steps}: saving; '
+                   f'run the same command again to continue')
+            break
+    if done > start and ckpt.latest_step() != done:
+        ckpt.save(done, state, dataset.get_state(), force=True)
     ckpt.close()
     export_model_dir(cfg, state, loop.workdir / 'model', dataset)
-    if evaluate_fn is not None and start < t.steps:
-        _log_eval(evaluate_fn(state.variables, t.steps), t.steps, writer)
+    if evaluate_fn is not None and done > start:
+        _log_eval(evaluate_fn(state.variables, done), done, writer)
     if writer is not None:
         writer.close()
     return state
@@ -265,11 +272,13 @@ def _fmt_num(x: float) -> str:
     return f'{x:.0f}' if x >= 100 else f'{x:.1f}' if x >= 10 else f'{x:.2f}' if x >= 1 else f'{x:.3f}'
 
 
-def _report(done: int, total: int, m: dict, lr: float, sps: float, batch: int, writer) -> None:
+def _report(done: int, total: int, m: dict, lr: float, sps: float, batch: int, writer,
+            first: bool = False) -> None:
     terms = ' '.join(f'{k.replace("loss_", "")} {float(v):.4f}' for k, v in m.items() if k.startswith('loss_'))
     eta = _fmt_time((total - done) * sps)
     _print(f'step {done}/{total} | loss {float(m["loss"]):.4f} ({terms}) | lr {lr:.5g} | '
-           f'{_fmt_num(sps)} s/step | {_fmt_num(batch / max(sps, 1e-9))} img/s | ETA {eta}')
+           f'{_fmt_num(sps)} s/step | {_fmt_num(batch / max(sps, 1e-9))} img/s | ETA {eta}'
+           + (' (first step: includes compilation)' if first else ''))
     if writer is not None:
         for k, v in m.items():
             writer.add_scalar(f'train/{k}', float(v), done)
