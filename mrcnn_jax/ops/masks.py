@@ -57,7 +57,7 @@ def expand_boxes_to_pixels(boxes: np.ndarray, mask_size: int, padding: int = 1) 
 
 
 def linear_taps(dst: np.ndarray, out_size: np.ndarray,
-                 in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The two input taps and weights of bilinear (align_corners=False) resizing in_size -> out_size.
 
     Args:

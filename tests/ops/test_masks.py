@@ -45,7 +45,7 @@ def test_linear_taps_equal_torch_upsample(in_size):
     for out_size in list(range(1, 400)) + [511, 800, 1333, 2047]:
         want = F.interpolate(eye, size=(out_size, 1), mode='bilinear', align_corners=False)
         want = want[0, :, :, 0].T.numpy()
-        taps = masks_lib._linear_taps(np.arange(out_size)[None], np.array([out_size]), in_size)
+        taps = masks_lib.linear_taps(np.arange(out_size)[None], np.array([out_size]), in_size)
         i0, i1, w0, w1 = (a[0] for a in taps)
         got = np.zeros((out_size, in_size), np.float32)
         got[np.arange(out_size), i0] = w0

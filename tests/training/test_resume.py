@@ -19,7 +19,7 @@ import train_helpers as th
 
 STEPS, EVERY, KILL_AFTER = 6, 3, 4
 LINE = re.compile(r'^step (\d+)/(\d+) \| (loss [^|]*)\| lr ([0-9.e+-]+) \| ([0-9.]+) s/step \| '
-                  r'([0-9.]+) img/s \| ETA (\S+)$', re.M)
+                  r'([0-9.]+) img/s \| ETA (\S+)(?: \(first step: includes compilation\))?$', re.M)
 
 
 def _args(workdir, data):
