@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.ops import conv as conv_ops
+
 Dtype = Any
 
 
@@ -72,11 +74,13 @@ class GroupNorm32(nn.Module):
 def conv(features: int, kernel: int, stride: int = 1, *, bias: bool, dtype: Dtype, name: str,
          groups: int = 1, kernel_init=None) -> nn.Conv:
     """A PyTorch-style conv: symmetric padding kernel // 2 (never 'SAME', which pads
-    asymmetrically for stride 2), NHWC, HWIO kernel, f32 params."""
+    asymmetrically for stride 2), NHWC, HWIO kernel, f32 params. On CPU its kernel gradient is
+    computed as matmuls (`ops.conv`), several times faster than XLA:CPU's own."""
     p = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
                    use_bias=bias, feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=kernel_init or conv_kernel_init(), name=name)
+                   kernel_init=kernel_init or conv_kernel_init(), name=name,
+                   conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 class PaddingMask:

@@ -163,7 +163,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
     loop = TrainLoop(cfg, workdir)
     key = jax.random.PRNGKey(cfg.seed)
     state, tx = loop.build_state(key)
-    step_fn = ts.make_train_step(loop.loss_fn, tx, loop.mesh)
+    frozen = optimizer.frozen_param_mask(state.params, cfg.model.backbone.frozen_stages)
+    step_fn = ts.make_train_step(loop.loss_fn, tx, loop.mesh, frozen=frozen)
 
     if dataset is None:
         from mrcnn_jax.data import pipeline, synthetic

@@ -201,3 +201,28 @@ def test_frozen_parameters_get_no_update_not_even_weight_decay(frozen_stages, fr
             np.testing.assert_array_equal(np.asarray(now), np.asarray(before), err_msg=name)
         else:
             assert np.abs(np.asarray(now) - np.asarray(before)).max() > 1e-4, name
+
+
+def test_train_step_never_reads_frozen_gradients():
+    """make_train_step(frozen=mask): frozen gradients are zeros before the finiteness check and
+    grad_norm (so XLA drops their computation); a NaN there does not skip the step."""
+    from mrcnn_jax.training import train_step as ts
+    params = {'backbone': {'conv1': {'kernel': jnp.ones((3,))}, 'layer2_0': {'kernel': jnp.ones((2,))}}}
+
+    def loss_fn(v, batch, key):
+        p = v['params']['backbone']
+        # finite loss; d/d conv1 is not finite (sqrt at 0); d/d layer2_0 is 2 * kernel
+        total = jnp.sum(jnp.sqrt(jnp.abs(p['conv1']['kernel'] - 1.0))) + jnp.sum(p['layer2_0']['kernel'] ** 2)
+        return total, {'losses': {'loss_x': total}}
+
+    tx = optimizer.build_optimizer(_train_cfg(weight_decay=0.0), params, frozen_stages=1)
+    mask = optimizer.frozen_param_mask(params, 1)
+    mesh = ts.make_mesh(jax.devices()[:1])
+    batch = {'x': np.zeros((1, 1), np.float32)}
+    for frozen, finite in ((None, 0.0), (mask, 1.0)):
+        state = ts.place_state(ts.create_state({'params': params}, tx, jax.random.PRNGKey(0)), mesh)
+        state, m = ts.make_train_step(loss_fn, tx, mesh, frozen=frozen)(state, ts.shard_batch(batch, mesh))
+        assert float(m['finite']) == finite
+    np.testing.assert_allclose(float(m['grad_norm']), np.sqrt(8.0), rtol=1e-6)   # |2 * ones(2)|
+    np.testing.assert_array_equal(np.asarray(state.params['backbone']['conv1']['kernel']), np.ones(3))
+    assert float(state.params['backbone']['layer2_0']['kernel'][0]) < 1.0

@@ -166,7 +166,7 @@ def train_step(args) -> None:
 
     import train_helpers as th
     from mrcnn_jax.models.mask_rcnn import build_model
-    from mrcnn_jax.training import losses
+    from mrcnn_jax.training import losses, optimizer
     from mrcnn_jax.training import train_step as ts
     from mrcnn_jax.training.loop import train
 
@@ -174,7 +174,8 @@ def train_step(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg, _, variables, tx, rng, loss_fn = _setup(args.synthetic_dir, args.batch)
     mesh = ts.make_mesh()
-    step = ts.make_train_step(loss_fn, tx, mesh)
+    frozen = optimizer.frozen_param_mask(variables['params'], cfg.model.backbone.frozen_stages)
+    step = ts.make_train_step(loss_fn, tx, mesh, frozen=frozen)   # as loop.py builds it
     batches = _batches(cfg, 4)
     p0 = th.flat(variables['params'])
     res = {'config': {'norm': cfg.model.backbone.norm, 'frozen_stages': cfg.model.backbone.frozen_stages,
@@ -236,7 +237,7 @@ def train_step(args) -> None:
     s32, m32 = run(fresh(), batches[0])
     cfg16 = th.config(args.synthetic_dir, f'train.batch_size={args.batch}', 'model.dtype=bfloat16')
     model16 = build_model(cfg16.model)
-    step16 = ts.make_train_step(losses.make_loss_fn(model16, cfg16.model), tx, mesh)
+    step16 = ts.make_train_step(losses.make_loss_fn(model16, cfg16.model), tx, mesh, frozen=frozen)
     s16, m16 = step16(fresh(), ts.shard_batch(batches[0], mesh))
     p16, p32 = th.flat(jax.device_get(s16.params)), th.flat(jax.device_get(s32.params))
     d16 = np.concatenate([(p16[k] - p0[k]).ravel() for k in p0])

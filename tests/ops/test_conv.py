@@ -1,0 +1,63 @@
+"""ops.conv: the matmul kernel gradient equals XLA's own convolution gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mrcnn_jax.ops import conv as conv_ops
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax(x, w, s, p):
+    return lax.conv_general_dilated(x, w, (s, s), [(p, p)] * 2, dimension_numbers=NHWC,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _ours(x, w, s, p):
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    return conv_ops.conv_general_dilated(x, w, (s, s), [(p, p)] * 2, dimension_numbers=dn,
+                                         precision=lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize('k,s,hw', [(1, 1, (9, 7)), (1, 2, (9, 7)), (3, 1, (8, 11)), (3, 2, (9, 10)),
+                                    (7, 2, (17, 12)), (2, 1, (6, 6))])
+def test_value_and_gradients_equal_lax(k, s, hw):
+    rng = np.random.default_rng(k * 10 + s)
+    x = jnp.asarray(rng.normal(size=(2,) + hw + (5,)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+    p = k // 2
+    y_ref = _lax(x, w, s, p)
+    g = jnp.asarray(rng.normal(size=y_ref.shape), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: _ours(a, b, s, p), x, w)
+    _, vjp_ref = jax.vjp(lambda a, b: _lax(a, b, s, p), x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-5)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_bf16_kernel_gradient_is_accumulated_in_f32():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(2, 32, 32, 8)), jnp.bfloat16)
+    dw = conv_ops.kernel_grad(x, g, (3, 3), (1, 1), ((1, 1), (1, 1)))
+    assert dw.dtype == jnp.float32
+    want = conv_ops.kernel_grad(x.astype(jnp.float32), g.astype(jnp.float32), (3, 3), (1, 1),
+                                ((1, 1), (1, 1)), precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-3)
+
+
+def test_grouped_and_dilated_convs_go_to_lax():
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 2, 4))
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+    assert not conv_ops._use_matmul_dw(x, w, [(1, 1)] * 2, None, None, dn, 2)
+    assert not conv_ops._use_matmul_dw(x, jnp.ones((3, 3, 4, 4)), [(1, 1)] * 2, None, (2, 2), dn, 1)
+    assert not conv_ops._use_matmul_dw(x, jnp.ones((3, 3, 4, 4)), 'SAME', None, None, dn, 1)
+    assert conv_ops._use_matmul_dw(x, jnp.ones((3, 3, 4, 4)), [(1, 1)] * 2, None, None, dn, 1)
+    y = conv_ops.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=dn,
+                                      feature_group_count=2)
+    np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                                           dimension_numbers=dn, feature_group_count=2))
