@@ -1,0 +1,24 @@
+"""The `make demo` run: configs/shapes_tiny.py with a schedule that fits ~7 minutes on 2 cores.
+
+The time budget (train.max_seconds) stops training early on a slower machine; the run then
+saves, evaluates and draws as usual.
+"""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location('shapes_tiny', pathlib.Path(__file__).with_name('shapes_tiny.py'))
+_tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tiny)
+
+
+def get_config():
+    c = _tiny.get_config()
+    c.train.steps = 500
+    c.train.warmup_steps = 50
+    c.train.decay_steps = (420,)
+    c.train.max_seconds = 420.0
+    c.train.checkpoint_every = 100
+    c.train.log_every = 25
+    c.train.eval_every = 0                # the demo evaluates once, after training
+    return c
