@@ -1,0 +1,154 @@
+"""Smoke test of the benchmark's machinery (mrcnn_jax/benchmark.py), not of speed.
+
+The interleaved timer and its pair-by-pair ratios on a fake clock; `main` in-process on tiny
+micro-benchmarks (JSON rows, table, ratios recomputed from the per-pair times); one memory probe
+subprocess; the train batch built for the model cases, on synthetic images. The R50 cases
+themselves are far too slow for a test (minutes of compilation on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+pytest.importorskip('torch')
+pytest.importorskip('torchvision')
+pytest.importorskip('pycocotools')
+
+from mrcnn_jax import benchmark  # noqa: E402
+
+REQUIRED = {'name': str, 'jax_median_s': float, 'torch_median_s': float, 'ratio': float, 'runs': int}
+
+
+class FakeClock:
+    """A clock that only moves when a fake workload says how long it took."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def workload(self, durations):
+        it = iter(durations)
+
+        def fn():
+            self.t += next(it)
+            return 'out'
+        return fn
+
+
+def test_interleave_takes_the_median_of_per_pair_ratios():
+    clock = FakeClock()
+    # first call, one warm-up, then three timed runs per side
+    jax_fn = clock.workload([30.0, 5.0, 1.0, 2.0, 9.0])
+    torch_fn = clock.workload([3.0, 5.0, 1.0, 4.0, 3.0])
+    seen = []
+    t = benchmark.interleave(jax_fn, torch_fn, runs=3, warmup=1, clock=clock,
+                             on_first=lambda side, out: seen.append(side))
+    assert seen == ['jax', 'torch']
+    assert (t.jax_first_s, t.torch_first_s) == (30.0, 3.0)
+    assert t.jax_runs == [1.0, 2.0, 9.0] and t.torch_runs == [1.0, 4.0, 3.0]
+    assert t.ratios == [1.0, 0.5, 3.0]
+    assert t.ratio == 1.0                                 # median of the pairs' ratios ...
+    assert t.jax_median_s / t.torch_median_s == pytest.approx(2 / 3)   # ... not of the medians
+
+
+def test_interleave_alternates_sides():
+    order = []
+    benchmark.interleave(lambda: order.append('a'), lambda: order.append('b'), runs=2, warmup=1)
+    assert order == ['a', 'b'] * 4
+
+
+def test_resolve_cases():
+    assert benchmark.resolve_cases('') == list(benchmark.CASES)
+    assert benchmark.resolve_cases('micro,inference_b1') == ['inference_b1', *benchmark.MICRO_CASES]
+    assert benchmark.resolve_cases('train_step_b2,inference_b4') == ['inference_b4', 'train_step_b2']
+    with pytest.raises(SystemExit):
+        benchmark.resolve_cases('nope')
+
+
+def _check_rows(rows, names):
+    assert isinstance(rows, list) and [r['name'] for r in rows] == names
+    for r in rows:
+        assert 'error' not in r, r.get('traceback')
+        for key, typ in REQUIRED.items():
+            assert isinstance(r[key], typ), (r['name'], key, r[key])
+        assert r['runs'] == 2 == len(r['jax_runs_s']) == len(r['torch_runs_s'])
+        ratios = [a / b for a, b in zip(r['jax_runs_s'], r['torch_runs_s'])]
+        assert r['ratios'] == pytest.approx(ratios)
+        assert r['ratio'] == pytest.approx(statistics.median(ratios))
+        assert r['jax_median_s'] == pytest.approx(statistics.median(r['jax_runs_s']))
+        assert r['torch_median_s'] == pytest.approx(statistics.median(r['torch_runs_s']))
+        assert r['torch_first_call_s'] > 0 and r['load_avg'] and r['device']
+
+
+def test_main_micro_benchmarks_write_json_rows(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    names = ['roi_align_7x7_gather', 'roi_align_7x7_einsum', 'nms_1000', 'paste_rle_100']
+    rc = benchmark.main(['--quick', '--only', ','.join(names), '--runs', '2', '--memory', 'none',
+                         '--micro-canvas', '64x96', '--micro-rois', '16', '--json', str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    _check_rows(rows, names)
+    by_name = {r['name']: r for r in rows}
+    for name in names[:3]:    # jitted: XLA's compile events were counted
+        assert by_name[name]['jax_compile_s'] > 0
+        assert by_name[name]['jax_compile_breakdown_s'].get('backend_compile', 0) > 0
+    assert by_name['paste_rle_100']['jax_compile_s'] is None      # host numpy
+    assert by_name['nms_1000']['jax_output'] == by_name['nms_1000']['torch_output']   # same kept count
+    text = capsys.readouterr().out
+    assert '| case | runs | JAX s | torch s | ratio jax/torch |' in text
+    assert 'AMD' in text or 'cores' in text                        # the header names the machine
+
+
+def test_memory_probe_runs_each_side_in_a_subprocess(tmp_path):
+    out = tmp_path / 'bench.json'
+    rc = benchmark.main(['--quick', '--only', 'nms_1000', '--runs', '2', '--memory', 'all',
+                         '--json', str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())
+    _check_rows([row], ['nms_1000'])
+    for side in ('jax', 'torch'):
+        assert row[f'{side}_peak_memory_mb'] > 10, row.get(f'{side}_memory_error')
+        assert row[f'{side}_memory_kind'] in ('rss', 'device')
+
+
+def test_train_batch_on_synthetic_samples():
+    from mrcnn_jax.config import default_config
+    samples = benchmark.synthetic_samples(2, seed=1)
+    cfg = default_config()
+    cfg.data.min_size, cfg.data.max_size, cfg.data.max_instances, cfg.data.mask_size = (320,), 512, 12, 28
+    batch = benchmark.train_batch(samples, cfg)
+    h, w = samples[0].image.shape[:2]
+    rh, rw = benchmark.resized_size(h, w, 320, 512)
+    assert batch['images'].shape == (2,) + benchmark.padded_size(rh, rw) + (3,)
+    assert batch['gt_masks'].shape == (2, 12, 28, 28) and batch['gt_masks'].dtype == np.uint8
+    for i, s in enumerate(samples):
+        n = len(s.boxes)
+        assert batch['gt_valid'][i].sum() == n and not batch['gt_is_crowd'][i].any()
+        np.testing.assert_array_equal(batch['gt_classes'][i, :n], s.classes)
+        np.testing.assert_allclose(batch['gt_boxes'][i, :n], s.boxes * [rw / w, rh / h, rw / w, rh / h], rtol=1e-5)
+        np.testing.assert_allclose(batch['image_info'][i], [h, w, rh, rw, rh / h, rw / w], rtol=1e-6)
+        assert batch['gt_masks'][i, :n].mean() > 0.5       # ellipses fill most of their box
+        assert not batch['images'][i, rh:].any() and not batch['images'][i, :, rw:].any()
+
+
+def test_crop_masks_samples_cell_centres():
+    mask = np.zeros((1, 10, 20), np.uint8)
+    mask[0, :, 10:] = 1
+    crop = benchmark.crop_masks(mask, np.asarray([[0, 0, 20, 10]], np.float32), 4)
+    np.testing.assert_array_equal(crop[0], [[0, 0, 1, 1]] * 4)
+
+
+def test_table_shows_errors_and_missing_fields():
+    rows = [{'name': 'inference_b1', 'jax_median_s': None, 'torch_median_s': None, 'ratio': None,
+             'runs': 0, 'error': 'RuntimeError: boom'},
+            {'name': 'nms_1000', 'jax_median_s': 0.5, 'torch_median_s': 0.25, 'ratio': 2.0, 'runs': 5,
+             'load_avg': [1.0, 2.0, 3.0]}]
+    table = benchmark.format_table(rows)
+    assert 'error: RuntimeError: boom' in table
+    assert '| nms_1000 | 5 | 0.5000 | 0.2500 | 2.00 |' in table and '1.0/2.0/3.0' in table
