@@ -79,15 +79,18 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 
 
 def default_buckets(min_size: int, max_size: int, size_divisible: int = 32) -> list[tuple[int, int]]:
-    """Canvases for inference: short side ceil(min_size), long side 4:3 or max, both orientations.
+    """Canvases for inference: short side ceil(min_size), long side 4:3, 3:2 or max, both
+    orientations.
 
-    With 800/1333: (800, 1088) fits a 4:3 photo (COCO's usual 640x480 -> 800x1066) and
-    (800, 1344) anything wider; portrait twins likewise. Each bucket compiles once.
+    With 800/1333: (800, 1088) fits a 4:3 photo (COCO's usual 640x480 -> 800x1066), (800, 1216)
+    a 3:2 one (COCO's next most common 640x427 -> 800x1201, exactly torchvision's padded size)
+    and (800, 1344) anything wider; portrait twins likewise. Each bucket compiles once, on first
+    use; the 3:2 bucket saves the 10% of compute a 3:2 photo would spend on 1344's padding.
     """
     def up(x):
         return int(math.ceil(x / size_divisible) * size_divisible)
     short = up(min_size)
-    longs = sorted({min(up(min_size * 4 / 3), up(max_size)), up(max_size)})
+    longs = sorted({min(up(min_size * r), up(max_size)) for r in (4 / 3, 3 / 2)} | {up(max_size)})
     out = [(short, l) for l in longs] + [(l, short) for l in longs]
     return sorted(set(out), key=lambda hw: (hw[0] * hw[1], hw))
 

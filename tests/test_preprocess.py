@@ -146,9 +146,10 @@ def test_resized_size_detectron2_rule():
 
 def test_default_buckets():
     b = preprocess.default_buckets(800, 1333)
-    assert b == [(800, 1088), (1088, 800), (800, 1344), (1344, 800)]
+    assert b == [(800, 1088), (1088, 800), (800, 1216), (1216, 800), (800, 1344), (1344, 800)]
     assert preprocess.default_buckets(128, 128) == [(128, 128)]
-    assert preprocess.default_buckets(320, 512) == [(320, 448), (448, 320), (320, 512), (512, 320)]
+    assert preprocess.default_buckets(320, 512) == [(320, 448), (448, 320), (320, 480), (480, 320),
+                                                    (320, 512), (512, 320)]
     for bucket in b:
         assert bucket[0] % 32 == 0 and bucket[1] % 32 == 0
 
@@ -163,9 +164,11 @@ def test_every_image_fits_a_default_bucket():
         assert bucket is not None and bucket[0] >= padded[0] and bucket[1] >= padded[1]
         smaller = [c for c in buckets if c[0] * c[1] < bucket[0] * bucket[1]]
         assert not any(c[0] >= padded[0] and c[1] >= padded[1] for c in smaller)
-    # A 4:3 photo lands on the 4:3 canvas, a wide one on the wide canvas.
+    # A 4:3 photo lands on the 4:3 canvas, a 3:2 one on the 3:2 canvas, a wider one on the wide one.
     assert preprocess.choose_bucket((800, 1088), buckets) == (800, 1088)
-    assert preprocess.choose_bucket((800, 1120), buckets) == (800, 1344)
+    assert preprocess.choose_bucket((800, 1120), buckets) == (800, 1216)
+    assert preprocess.choose_bucket((800, 1216), buckets) == (800, 1216)
+    assert preprocess.choose_bucket((800, 1248), buckets) == (800, 1344)
     assert preprocess.choose_bucket((1088, 800), buckets) == (1088, 800)
 
 
