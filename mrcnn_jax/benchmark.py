@@ -51,7 +51,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -143,7 +142,10 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
 
 
 def padded_size(h: int, w: int, divisible: int = 32) -> tuple[int, int]:
-    return int(math.ceil(h / divisible) * divisible), int(math.ceil(w / divisible) * divisible)
+    """torchvision's padded size of a resized image (models.layers.np_padded_size as ints)."""
+    from mrcnn_jax.models.layers import np_padded_size
+    ph, pw = np_padded_size((h, w), divisible)
+    return int(ph), int(pw)
 
 
 # -- timing ------------------------------------------------------------------------------------
