@@ -22,6 +22,12 @@ state_dict with `Predictor.from_torchvision` and times, on the same real photos
   paste_rle_100   100 masks of 28x28 pasted into a 427x640 image, thresholded at 0.5 and
                   RLE-encoded: `ops.masks.paste_masks_to_rle` vs `paste_masks_in_image` +
                   pycocotools (as torchvision's COCO evaluation does)
+  train_1024_bf16 (GPU default; `--only throughput` elsewhere) a train step on
+                  `--throughput-batch` (16) photos letterboxed onto 1024x1024, bf16 compute
+                  (`model.dtype='bfloat16'`, float32 parameters) vs torch autocast(bfloat16);
+                  the row adds images/s per side (issue 6's H100 goal: >= 40 images/s)
+  inference_bf16_b8 (GPU default) 8 photos per Predictor call, 800/1333, bf16 compute vs torch
+                  autocast(bfloat16) inference; images/s and ms per image
 
 Each case runs JAX and torch interleaved (A B A B ...): one first call each (JAX compiles there),
 optional warm-up pairs, then `--runs` timed pairs. A row gives the medians per side and the
@@ -43,6 +49,10 @@ Output: a header naming the machine, versions and thread counts, a markdown tabl
 `--json PATH` a list of rows {"name", "jax_median_s", "torch_median_s", "ratio", "runs",
 "jax_compile_s", "torch_first_call_s", "jax_peak_memory_mb", "torch_peak_memory_mb", ...}.
 `--quick`: 320/512 sizing, 2 runs, smaller RoIAlign cases (a smoke run, not a measurement).
+`--data DIR`: another COCO-style folder (annotations.json + images/) of photos, e.g. a copy of
+coco128_seg on a machine without `../shared`. On a GPU, per-case device peaks are also recorded in
+process (`torch_device_peak_mb`, reset per case; `jax_device_peak_so_far_mb`, XLA's peak since
+the process began, which cannot be reset).
 """
 
 from __future__ import annotations
@@ -74,7 +84,10 @@ DATASET = SHARED_DATA / 'coco128_seg'
 MODEL_CASES = ('inference_b1', 'inference_b4', 'forward_b1', 'train_step_b2')
 MICRO_CASES = ('roi_align_7x7_gather', 'roi_align_7x7_einsum', 'roi_align_14x14_gather',
                'roi_align_14x14_einsum', 'nms_1000', 'nms_5000', 'paste_rle_100')
-CASES = MODEL_CASES + MICRO_CASES
+# The H100 goals of issue 6 (bf16 training on a 1024x1024 canvas, bf16 inference per image):
+# part of the default set only where torch sees a GPU (on a 2-core CPU they take many minutes).
+THROUGHPUT_CASES = ('train_1024_bf16', 'inference_bf16_b8')
+CASES = MODEL_CASES + MICRO_CASES + THROUGHPUT_CASES
 SIDES = ('jax', 'torch')
 REFERENCE_HW = (427, 640)        # a 640x427 COCO photo: 800x1201 at 800/1333, padded 800x1216
 PASTE_IMAGE_HW = (427, 640)
@@ -97,8 +110,12 @@ class Settings:
     rois_7: int = 1000
     rois_14: int = 100
     paste_n: int = 100
+    throughput_batch: int = 16      # train_1024_bf16: images per step
+    throughput_size: int = 1024     # train_1024_bf16: square canvas side
+    infer_batch: int = 8            # inference_bf16_b8: images per call
     images: tuple[str, ...] = ()    # file names in the dataset; () picks them (see select_samples)
     synthetic: bool = False         # force synthetic images even when the dataset is present
+    data: str = str(DATASET)        # a COCO-style folder: annotations.json + images/
     seed: int = 0
 
     @classmethod
@@ -121,8 +138,14 @@ class Settings:
             s.micro_canvas = (int(h), int(w))
         if args.micro_rois:
             s.rois_7 = s.rois_14 = args.micro_rois
+        if args.quick:
+            s.throughput_batch, s.throughput_size, s.infer_batch = 2, 512, 2
+        if args.throughput_batch:
+            s.throughput_batch = args.throughput_batch
         s.images = tuple(x for x in (args.images or '').split(',') if x)
         s.synthetic = bool(args.synthetic)
+        if args.data:
+            s.data = args.data
         return s
 
     def to_json(self) -> dict:
@@ -231,10 +254,11 @@ def select_samples(settings: Settings, n: int = NUM_IMAGES) -> tuple[list[Sample
     whose torchvision padded size is that of a 640x427 photo (800x1216 at 800/1333: the class
     of the issue's reference timing), falling back to the most common padded size.
     """
-    if settings.synthetic or not (DATASET / 'annotations.json').exists():
-        return synthetic_samples(n, settings.seed), 'synthetic photo-like images (no ../shared/data)'
+    dataset = pathlib.Path(settings.data)
+    if settings.synthetic or not (dataset / 'annotations.json').exists():
+        return synthetic_samples(n, settings.seed), f'synthetic photo-like images (no {dataset})'
     from mrcnn_jax.data import coco, images as image_io
-    ann = json.loads((DATASET / 'annotations.json').read_text())
+    ann = json.loads((dataset / 'annotations.json').read_text())
     by_image: dict[int, list[dict]] = {}
     for a in ann['annotations']:
         if not a.get('iscrowd', 0):
@@ -244,7 +268,7 @@ def select_samples(settings: Settings, n: int = NUM_IMAGES) -> tuple[list[Sample
         wanted = {e['file_name']: e for e in entries}
         missing = [x for x in settings.images if x not in wanted]
         if missing:
-            raise ValueError(f'images not in {DATASET}: {missing}')
+            raise ValueError(f'images not in {dataset}: {missing}')
         chosen = [wanted[x] for x in settings.images]
     else:
         def pclass(e):
@@ -260,7 +284,7 @@ def select_samples(settings: Settings, n: int = NUM_IMAGES) -> tuple[list[Sample
             chosen = [e for e in usable if pclass(e) == target][:n]
     samples = []
     for e in chosen:
-        image = image_io.load_image(str(DATASET / 'images' / e['file_name']))
+        image = image_io.load_image(str(dataset / 'images' / e['file_name']))
         h, w = image.shape[:2]
         objs = by_image.get(e['id'], [])
         boxes, classes, masks = [], [], []
@@ -276,7 +300,7 @@ def select_samples(settings: Settings, n: int = NUM_IMAGES) -> tuple[list[Sample
         samples.append(Sample(e['file_name'], image, np.asarray(boxes, np.float32).reshape(k, 4),
                               np.asarray(classes, np.int64).reshape(k),
                               np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)))
-    return samples, f'{DATASET.name} ({len(samples)} photos)'
+    return samples, f'{dataset.name} ({len(samples)} photos)'
 
 
 def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: tuple[int, int], ch: int) -> np.ndarray:
@@ -542,8 +566,10 @@ def _torch_forward(ctx: Context):
     return fn, lambda out: f'canvas HxW {h}x{w}, detections {len(out[0]["scores"])}'
 
 
-def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, max_size: int):
-    """(step_fn, state, batch, mesh) of our train step on converted torchvision weights."""
+def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, max_size: int,
+                    dtype: str = 'float32'):
+    """(step_fn, state, batch, mesh) of our train step on converted torchvision weights; `dtype`
+    is the compute dtype of convolutions and FCs (parameters and optimizer state stay float32)."""
     import jax
     from mrcnn_jax.convert import torchvision as tv_convert
     from mrcnn_jax.models.mask_rcnn import build_model
@@ -554,6 +580,7 @@ def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, 
                                  min_size=min_size, max_size=max_size)
     cfg.model.backbone.frozen_stages = 2          # torchvision: trainable_backbone_layers=3
     cfg.data.class_index = 'category_id'          # torchvision's 91-way COCO head
+    cfg.model.dtype = dtype
     model = build_model(cfg.model)
     variables = tv_convert.convert_state_dict(state_dict, cfg.model)
     tx = optimizer.build_optimizer(cfg.train, variables['params'], cfg.model.backbone.frozen_stages)
@@ -604,6 +631,111 @@ def _torch_train(ctx: Context):
         torch_sync(dev)
         return float(loss.detach())
     return fn, lambda loss: f'loss {loss:.3f}'
+
+
+# throughput cases (issue 6's H100 goals): bf16 compute on both sides
+def letterbox(sample: Sample, size: int) -> Sample:
+    """The photo scaled so that its longer side is `size` and placed top-left on a black
+    size x size canvas (Detectron2's large-scale-jitter canvas without the jitter), with its boxes
+    and masks: both frameworks then train on exactly size x size with no resize of their own."""
+    from PIL import Image
+    h, w = sample.image.shape[:2]
+    scale = size / max(h, w)
+    rh, rw = min(round(h * scale), size), min(round(w * scale), size)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[:rh, :rw] = np.asarray(Image.fromarray(sample.image).resize((rw, rh), Image.BILINEAR))
+    masks = np.zeros((len(sample.masks), size, size), np.uint8)
+    for i, m in enumerate(sample.masks):
+        masks[i, :rh, :rw] = np.asarray(Image.fromarray(m).resize((rw, rh), Image.NEAREST))
+    boxes = sample.boxes * np.float32(scale)
+    return Sample(f'{sample.name}@{size}', image, boxes.astype(np.float32), sample.classes, masks)
+
+
+def _cycle(items: Sequence[Any], n: int) -> list[Any]:
+    return [items[i % len(items)] for i in range(n)]
+
+
+def _throughput_samples(ctx: Context) -> list[Sample]:
+    s = ctx.settings
+    return ctx._get('throughput_samples', lambda: _cycle(
+        [letterbox(x, s.throughput_size) for x in ctx.samples], s.throughput_batch))
+
+
+def _torch_autocast(dev):
+    import torch
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+def _jax_train_bf16(ctx: Context):
+    import jax
+    from mrcnn_jax.training import train_step as ts
+    s = ctx.settings
+    samples = _throughput_samples(ctx)
+    step, state, batch, mesh = jax_train_setup(ctx.state_dict, samples, s.throughput_size, s.throughput_size,
+                                               dtype='bfloat16')
+    holder = {'state': state}
+    device_batch = ts.shard_batch(batch, mesh)    # the input pipeline's prefetch: on device already
+
+    def fn():
+        new_state, metrics = step(holder['state'], device_batch)
+        holder['state'] = new_state
+        return jax.device_get(metrics)
+    canvas = batch['images'].shape[1:3]
+    return fn, lambda m: (f'batch {len(samples)}, canvas HxW {canvas[0]}x{canvas[1]}, loss {float(m["loss"]):.3f}, '
+                          f'finite {bool(m["finite"])}')
+
+
+def _torch_train_bf16(ctx: Context):
+    import torch
+    from mrcnn_jax.testing.torchvision_reference import image_to_tensor
+    s, dev = ctx.settings, ctx.device
+    model = copy.deepcopy(ctx.tv_model).to(dev)
+    model.transform.min_size, model.transform.max_size = (s.throughput_size,), s.throughput_size
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=TORCH_LR, momentum=0.9, weight_decay=1e-4)
+    samples = _throughput_samples(ctx)
+    xs = [image_to_tensor(x.image).to(dev) for x in samples]
+    ts = [{'boxes': torch.from_numpy(x.boxes).to(dev), 'labels': torch.from_numpy(x.classes).to(dev),
+           'masks': torch.from_numpy(x.masks).to(dev)} for x in samples]
+
+    def fn():
+        with _torch_autocast(dev):
+            losses = model(xs, ts)
+            loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        torch_sync(dev)
+        return float(loss.detach())
+    return fn, lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
+
+
+def _jax_inference_bf16(ctx: Context):
+    from mrcnn_jax.predictor import Predictor
+    p1 = ctx.predictor(1)
+    config = copy.deepcopy(p1.config)
+    config.model.dtype = 'bfloat16'
+    b = ctx.settings.infer_batch
+    p = Predictor(config, p1.variables, label_ids=p1.label_ids, class_names=p1.class_names, batch_size=b)
+    images = _cycle([x.image for x in ctx.samples], b)
+    return (lambda: p(images)), _summ_detections
+
+
+def _torch_inference_bf16(ctx: Context):
+    import torch
+    from mrcnn_jax.testing.torchvision_reference import image_to_tensor
+    model, dev = ctx.tv_model, ctx.device
+    model.eval()
+    images = _cycle([x.image for x in ctx.samples], ctx.settings.infer_batch)
+
+    def fn():
+        with torch.inference_mode(), _torch_autocast(dev):
+            xs = [image_to_tensor(im).to(dev) for im in images]
+            out = [{k: v.float().cpu() for k, v in o.items()} for o in model(xs)]
+        torch_sync(dev)
+        return out
+    return fn, _summ_detections
 
 
 # micro-benchmarks: inputs from a seeded numpy generator, shared by both sides
@@ -753,6 +885,10 @@ def build_case(name: str, side: str, ctx: Context) -> tuple[Callable[[], Any], C
         return _jax_nms(ctx, n) if j else _torch_nms(ctx, n)
     if name == 'paste_rle_100':
         return _jax_paste(ctx) if j else _torch_paste(ctx)
+    if name == 'train_1024_bf16':
+        return _jax_train_bf16(ctx) if j else _torch_train_bf16(ctx)
+    if name == 'inference_bf16_b8':
+        return _jax_inference_bf16(ctx) if j else _torch_inference_bf16(ctx)
     raise ValueError(f'unknown case {name!r}; known: {", ".join(CASES)}')
 
 
@@ -766,6 +902,11 @@ def case_params(name: str, ctx: Context) -> str:
         return _roi_params(s, int(name.split('_')[2].split('x')[0]))
     if name.startswith('nms_'):
         return f'N={name.split("_")[1]} clustered boxes, IoU 0.7, all kept boxes returned'
+    if name == 'train_1024_bf16':
+        return (f'{s.throughput_batch} photos letterboxed on {s.throughput_size}x{s.throughput_size}, '
+                f'bf16 compute (torch autocast), fp32 params')
+    if name == 'inference_bf16_b8':
+        return f'{s.infer_batch} photos, {s.min_size}/{s.max_size} sizing, bf16 compute (torch autocast)'
     if name == 'paste_rle_100':
         return f'{s.paste_n} masks 28x28 -> {PASTE_IMAGE_HW[0]}x{PASTE_IMAGE_HW[1]}, > 0.5, RLE'
     return ''
@@ -837,6 +978,7 @@ def run_case(name: str, ctx: Context, log: Callable[[str], None] = print) -> dic
             notes[side] = summ(out)
 
     micro = name in MICRO_CASES
+    _reset_torch_device_peak()
     with CompileTimer() as compile_timer:
         timing = interleave(jax_fn, torch_fn, s.runs, s.micro_warmup if micro else s.warmup,
                             on_first=lambda side, out: (on_first(side, out), compile_timer.stop()))
@@ -855,10 +997,39 @@ def run_case(name: str, ctx: Context, log: Callable[[str], None] = print) -> dic
         jax_setup_s=jax_setup, torch_setup_s=torch_setup,
         jax_output=notes.get('jax'), torch_output=notes.get('torch'),
         load_avg=load_avg())
+    row.update(device_peaks_mb())
+    if name in THROUGHPUT_CASES:
+        n = s.throughput_batch if name == 'train_1024_bf16' else s.infer_batch
+        row['images_per_call'] = n
+        row['jax_images_per_s'] = n / timing.jax_median_s
+        row['torch_images_per_s'] = n / timing.torch_median_s
     if name == 'forward_b1' and compile_timer.breakdown().get('backend_compile', 0.0) < 1.0:
         row['notes'] = ('JAX reused the program inference_b1 compiled (same function and shapes): '
                         'see inference_b1 for its compile time')
     return row
+
+
+def _reset_torch_device_peak() -> None:
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peaks_mb() -> dict:
+    """On a GPU, in this process: torch's peak allocation since the case began
+    (`torch_device_peak_mb`) and JAX's peak since the process began (`jax_device_peak_so_far_mb`:
+    XLA's allocator keeps no resettable peak, so this one only grows from case to case; the
+    per-case figure comes from the probes)."""
+    out: dict[str, float] = {}
+    torch = sys.modules.get('torch')
+    if torch is not None and torch.cuda.is_available():
+        out['torch_device_peak_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    jax = sys.modules.get('jax')
+    if jax is not None and jax.default_backend() != 'cpu':
+        stats = jax.devices()[0].memory_stats() or {}
+        if 'peak_bytes_in_use' in stats:
+            out['jax_device_peak_so_far_mb'] = stats['peak_bytes_in_use'] / 2 ** 20
+    return out
 
 
 def probe_memory(name: str, side: str, probe_dir: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
@@ -1016,6 +1187,14 @@ def format_table(rows: Sequence[dict]) -> str:
             r['name'], str(r['runs']), _fmt(r['jax_median_s'], 4), _fmt(r['torch_median_s'], 4),
             _fmt(r['ratio'], 2), _fmt(r.get('jax_compile_s'), 1), _fmt(r.get('torch_first_call_s'), 2),
             _fmt(r.get('jax_peak_memory_mb'), 0), _fmt(r.get('torch_peak_memory_mb'), 0), load]) + ' |')
+    rates = [r for r in rows if r.get('jax_images_per_s') is not None]
+    if rates:
+        out += ['', '| case | images per call | JAX images/s | torch images/s | JAX ms/image | torch ms/image |',
+                '|---|---|---|---|---|---|']
+        for r in rates:
+            out.append(f'| {r["name"]} | {r["images_per_call"]} | {_fmt(r["jax_images_per_s"], 1)} | '
+                       f'{_fmt(r["torch_images_per_s"], 1)} | {_fmt(1e3 / r["jax_images_per_s"], 1)} | '
+                       f'{_fmt(1e3 / r["torch_images_per_s"], 1)} |')
     return '\n'.join(out)
 
 
@@ -1046,7 +1225,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog='cases: ' + ', '.join(CASES))
     p.add_argument('--quick', action='store_true', help='smoke run: 320/512 sizing, 2 runs, smaller micro cases')
-    p.add_argument('--only', default='', help='comma-separated case names (or "model", "micro")')
+    p.add_argument('--only', default='', help='comma-separated case names (or "model", "micro", "throughput"); '
+                   'default: all, the throughput cases only on a GPU')
     p.add_argument('--runs', type=int, default=0, help='timed pairs per case (default 5, quick 2)')
     p.add_argument('--warmup', type=int, default=None, help='untimed pairs after the first calls (model cases)')
     p.add_argument('--json', default='', help='write the rows to this JSON file')
@@ -1056,6 +1236,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--max-size', type=int, default=0)
     p.add_argument('--images', default='', help='comma-separated file names in coco128_seg (4 of one bucket)')
     p.add_argument('--synthetic', action='store_true', help='synthetic images even if ../shared/data exists')
+    p.add_argument('--data', default='', help=f'COCO-style folder of the photos (default {DATASET})')
+    p.add_argument('--throughput-batch', type=int, default=0,
+                   help='images per step of train_1024_bf16 (default 16, quick 2)')
     p.add_argument('--micro-canvas', default='', help='HxW of the RoIAlign FPN canvas (default: the image class)')
     p.add_argument('--micro-rois', type=int, default=0, help='RoIs of both RoIAlign cases (default 1000 / 100)')
     p.add_argument('--probe', nargs=2, metavar=('SIDE', 'CASE'), help=argparse.SUPPRESS)
@@ -1063,19 +1246,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_cases(only: str) -> list[str]:
+def resolve_cases(only: str, gpu: bool = False) -> list[str]:
+    """The cases `--only` names (groups: model, micro, throughput); by default all, the
+    throughput cases only where there is a GPU."""
     if not only:
-        return list(CASES)
+        return list(MODEL_CASES + MICRO_CASES + (THROUGHPUT_CASES if gpu else ()))
     names: list[str] = []
     for item in (x.strip() for x in only.split(',') if x.strip()):
-        group = {'model': MODEL_CASES, 'micro': MICRO_CASES}.get(item)
+        group = {'model': MODEL_CASES, 'micro': MICRO_CASES, 'throughput': THROUGHPUT_CASES}.get(item)
         if group:
             names += [n for n in group if n not in names]
         elif item in CASES:
             if item not in names:
                 names.append(item)
         else:
-            raise SystemExit(f'unknown case {item!r}; known: {", ".join(CASES)} (or model, micro)')
+            raise SystemExit(f'unknown case {item!r}; known: {", ".join(CASES)} (or model, micro, throughput)')
     return [n for n in CASES if n in names]   # canonical order: inference before training
 
 
@@ -1091,11 +1276,11 @@ def main(argv=None) -> int:
     import torch  # before tensorflow, should anything import it (see tests/conftest.py)
     _hide_gpu_from_tensorflow()
     torch.set_num_threads(_cores())
-    names = resolve_cases(args.only)
+    names = resolve_cases(args.only, gpu=torch.cuda.is_available())
     settings = Settings.from_args(args)
     ctx = Context(settings)
     info = machine_info()
-    needs_images = any(n in MODEL_CASES for n in names)
+    needs_images = any(n not in MICRO_CASES for n in names)
     source = ctx.samples_source if needs_images else 'none (micro-benchmarks only)'
     print(format_header(info, settings, source), flush=True)
     if needs_images:
@@ -1122,7 +1307,7 @@ def main(argv=None) -> int:
                    'load_avg': load_avg()}
             print(row['traceback'], file=sys.stderr, flush=True)
         row['device'] = label
-        if 'tv_build_s' in ctx._cache and name in MODEL_CASES:
+        if 'tv_build_s' in ctx._cache and name not in MICRO_CASES:
             row['torch_model_build_s'] = ctx._cache['tv_build_s']
         rows.append(row)
         if row.get('jax_median_s') is not None:
@@ -1137,7 +1322,7 @@ def main(argv=None) -> int:
               (args.memory == 'all' or (args.memory == 'model' and r['name'] in MODEL_CASES))]
     if probed:
         print('\n## peak memory (one subprocess per side and case)', flush=True)
-        with_model = any(r['name'] in MODEL_CASES for r in probed)
+        with_model = any(r['name'] not in MICRO_CASES for r in probed)
         probe_dir = tempfile.mkdtemp(prefix='mrcnn_bench_probe_')
         try:
             ctx.save_for_probes(probe_dir, with_model)

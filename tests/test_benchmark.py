@@ -64,7 +64,10 @@ def test_interleave_alternates_sides():
 
 
 def test_resolve_cases():
-    assert benchmark.resolve_cases('') == list(benchmark.CASES)
+    # The bf16 throughput cases (issue 6's H100 goals) run by default only where there is a GPU.
+    assert benchmark.resolve_cases('') == list(benchmark.MODEL_CASES + benchmark.MICRO_CASES)
+    assert benchmark.resolve_cases('', gpu=True) == list(benchmark.CASES)
+    assert benchmark.resolve_cases('throughput') == list(benchmark.THROUGHPUT_CASES)
     assert benchmark.resolve_cases('micro,inference_b1') == ['inference_b1', *benchmark.MICRO_CASES]
     assert benchmark.resolve_cases('train_step_b2,inference_b4') == ['inference_b4', 'train_step_b2']
     with pytest.raises(SystemExit):
@@ -152,3 +155,24 @@ def test_table_shows_errors_and_missing_fields():
     table = benchmark.format_table(rows)
     assert 'error: RuntimeError: boom' in table
     assert '| nms_1000 | 5 | 0.5000 | 0.2500 | 2.00 |' in table and '1.0/2.0/3.0' in table
+
+
+def test_letterbox_places_the_photo_on_a_square_canvas():
+    (sample,) = benchmark.synthetic_samples(1, seed=2)          # 640x427 photo-like image
+    out = benchmark.letterbox(sample, 256)
+    scale = 256 / 640
+    rh = round(427 * scale)
+    assert out.image.shape == (256, 256, 3) and out.masks.shape == (len(sample.masks), 256, 256)
+    assert out.image[:rh].any() and not out.image[rh:].any()      # black below the photo
+    np.testing.assert_allclose(out.boxes, sample.boxes * scale, rtol=1e-6)
+    for m, b in zip(out.masks, out.boxes):                       # each mask stays inside its box
+        ys, xs = np.nonzero(m)
+        assert xs.min() >= b[0] - 1 and xs.max() <= b[2] + 1 and ys.min() >= b[1] - 1 and ys.max() <= b[3] + 1
+    np.testing.assert_array_equal(out.classes, sample.classes)
+
+
+def test_table_gives_images_per_second_for_throughput_cases():
+    rows = [{'name': 'train_1024_bf16', 'jax_median_s': 0.08, 'torch_median_s': 0.16, 'ratio': 0.5,
+             'runs': 5, 'images_per_call': 8, 'jax_images_per_s': 100.0, 'torch_images_per_s': 50.0}]
+    table = benchmark.format_table(rows)
+    assert '| train_1024_bf16 | 8 | 100 | 50.0 | 10.0 | 20.0 |' in table
