@@ -13,6 +13,14 @@ it and run through one compiled program per (bucket, batch size); images of othe
 same bucket reuse it. Images are processed independently: torchvision's batched inference pads
 every image to the largest in its batch, which changes results with batch composition; ours are
 those of torchvision run on each image alone.
+
+Where the work runs (`on_device`): by default the resize and the mask paste run on the device in
+jnp (`ops/resample.py`; the raw uint8 image is uploaded on a canvas padded to a multiple of 64,
+pasted masks come back on it and are cropped), so that a GPU never waits on host numpy; equal to
+the host path within float32 rounding. `on_device=False` keeps both in host numpy, bit for bit
+torch's CPU kernels (`preprocess.resize_bilinear`, `ops.masks.paste_masks`). Masks whose pasted
+canvas would exceed `max_device_paste_bytes` (photos of many megapixels) are pasted on the host,
+chunk by chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 from mrcnn_jax import preprocess
 from mrcnn_jax.config import default_config
 from mrcnn_jax.models.mask_rcnn import build_model
+from mrcnn_jax.ops import resample
 from mrcnn_jax.ops.masks import paste_masks
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ class Predictor:
     def __init__(self, config: ml_collections.ConfigDict, variables: Any, *,
                  label_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                  buckets: Sequence[tuple[int, int]] | None = None, batch_size: int = 1,
-                 paste: bool = True):
+                 paste: bool = True, on_device: bool = True, max_device_paste_bytes: int = 2 ** 30):
         self.config = config
         self.model = build_model(config.model)
         self.variables = jax.device_put(jax.tree_util.tree_map(jnp.asarray, variables))
@@ -52,7 +61,11 @@ class Predictor:
                                                                       config.model.size_divisible))]
         self.batch_size = batch_size
         self.paste = paste
+        self.on_device = on_device
+        self.max_device_paste_bytes = max_device_paste_bytes
         self._predict = jax.jit(self.model.apply)
+        self._resize = jax.jit(self._resize_fn, static_argnums=2)
+        self._paste = jax.jit(self._paste_fn, static_argnums=2)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -108,7 +121,10 @@ class Predictor:
     def __call__(self, images):
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        prepped = [self.preprocess(im) for im in items]
+        if self.on_device:
+            prepped = [self._prepare(im) for im in items]
+        else:
+            prepped = [self.preprocess(im) for im in items]
         results: list[dict | None] = [None] * len(items)
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i, (_, _, bucket) in enumerate(prepped):
@@ -116,20 +132,85 @@ class Predictor:
         for bucket, idxs in by_bucket.items():
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start:start + self.batch_size]
-                bs = self.batch_size
-                canvas = np.zeros((bs, bucket[0], bucket[1], 3), np.float32)
-                info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
-                for j, i in enumerate(chunk):
-                    x, inf, _ = prepped[i]
-                    canvas[j, :x.shape[0], :x.shape[1]] = x
-                    info[j] = inf
-                raw = self.predict_batch(canvas, info)
-                for j, i in enumerate(chunk):
-                    results[i] = self.postprocess({k: v[j] for k, v in raw.items()}, info[j])
+                run = self._run_on_device if self.on_device else self._run_on_host
+                for i, res in zip(chunk, run([prepped[i] for i in chunk], bucket)):
+                    results[i] = res
         return results[0] if single else results
 
-    def postprocess(self, raw: dict[str, np.ndarray], info: np.ndarray) -> dict[str, np.ndarray]:
-        """One image's padded outputs -> its valid instances in original pixels."""
+    def _run_on_host(self, prepped, bucket):
+        bs = self.batch_size
+        canvas = np.zeros((bs, bucket[0], bucket[1], 3), np.float32)
+        info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
+        for j, (x, inf, _) in enumerate(prepped):
+            canvas[j, :x.shape[0], :x.shape[1]] = x
+            info[j] = inf
+        raw = self.predict_batch(canvas, info)
+        return [self.postprocess({k: v[j] for k, v in raw.items()}, info[j]) for j in range(len(prepped))]
+
+    # -- the device path -------------------------------------------------------------------------
+    def _prepare(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """uint8 image -> (the same uint8 RGB image, image_info [6], bucket): `preprocess` without
+        the host resize, which the device does."""
+        d = self.config.data
+        img = preprocess.as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        if h < 1 or w < 1:
+            raise ValueError(f'empty image of shape {img.shape}')
+        rh, rw = preprocess.resized_size(h, w, d.test_min_size, d.test_max_size, d.resize_rule)
+        sd = self.config.model.size_divisible
+        padded = (int(np.ceil(rh / sd) * sd), int(np.ceil(rw / sd) * sd))
+        bucket = preprocess.choose_bucket(padded, self.buckets)
+        if bucket is None:
+            log.warning('image resized to %s exceeds every bucket %s; compiling a canvas of %s',
+                        (rh, rw), self.buckets, padded)
+            bucket = padded
+        return img, np.asarray([h, w, rh, rw, rh / h, rw / w], np.float32), bucket
+
+    def _resize_fn(self, raw, sizes, canvas_hw):
+        d = self.config.data
+        return resample.normalize_resize_to_canvas(raw, sizes, canvas_hw, pixel_scale=d.pixel_scale,
+                                                   mean=tuple(d.pixel_mean), std=tuple(d.pixel_std),
+                                                   channel_order=d.channel_order)
+
+    def _paste_fn(self, out, info, raw_hw):
+        # Boxes in original pixels exactly as `postprocess` computes them (torchvision's
+        # resize_boxes: float32(original) / float32(resized) per axis), then pasted on the canvas.
+        ratio_h, ratio_w = info[:, 0] / info[:, 2], info[:, 1] / info[:, 3]
+        scale = jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=-1)[:, None, :]
+        return resample.paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw)
+
+    def _run_on_device(self, prepped, bucket):
+        bs, n = self.batch_size, len(prepped)
+        raw_hw = tuple(max(resample.raw_canvas(*img.shape[:2])[k] for img, _, _ in prepped) for k in (0, 1))
+        raw = np.zeros((bs,) + raw_hw + (3,), np.uint8)
+        sizes = np.ones((bs, 4), np.int32)           # unused slots: a 1x1 image
+        info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
+        for j, (img, inf, _) in enumerate(prepped):
+            raw[j, :img.shape[0], :img.shape[1]] = img
+            sizes[j] = inf[:4]
+            info[j] = inf
+        info_d = jnp.asarray(info)
+        out = self._predict(self.variables, self._resize(jnp.asarray(raw), jnp.asarray(sizes), bucket), info_d)
+        pasted = None
+        if self.paste and 'masks' in out:
+            d = out['masks'].shape[1]
+            if bs * d * raw_hw[0] * raw_hw[1] * 4 <= self.max_device_paste_bytes:
+                pasted = self._paste(out, info_d, raw_hw)
+        out, pasted = jax.device_get((out, pasted))
+        results = []
+        for j in range(n):
+            res = self.postprocess({k: v[j] for k, v in out.items()}, info[j],
+                                   paste=self.paste and pasted is None)
+            if pasted is not None:
+                h0, w0 = int(info[j, 0]), int(info[j, 1])
+                res['masks'] = np.ascontiguousarray(pasted[j][out['valid'][j]][:, :h0, :w0])
+            results.append(res)
+        return results
+
+    def postprocess(self, raw: dict[str, np.ndarray], info: np.ndarray,
+                    paste: bool | None = None) -> dict[str, np.ndarray]:
+        """One image's padded outputs -> its valid instances in original pixels; masks are pasted
+        on the host when `paste` (default: the predictor's `paste`)."""
         valid = raw['valid']
         h0, w0, rh, rw = (int(v) for v in info[:4])
         # torchvision resize_boxes: ratio = float32(original) / float32(resized), per axis.
@@ -145,7 +226,7 @@ class Predictor:
         if 'masks' in raw:
             probs = raw['masks'][valid].astype(np.float32)
             out['mask_probs'] = probs
-            if self.paste:
+            if self.paste if paste is None else paste:
                 out['masks'] = paste_masks(probs, out['boxes'], (h0, w0))
         return out
 

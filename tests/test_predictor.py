@@ -285,3 +285,28 @@ def test_buckets_default_and_config(predictor):
     p = Predictor(predictor.config, predictor.variables)
     assert p.buckets == preprocess.default_buckets(MIN_SIZE, MAX_SIZE) == [(96, 128), (128, 96)]
     assert p.preprocess(IMAGES['portrait'])[2] == (128, 96)
+
+
+def test_host_and_device_paths_agree(predictor, results):
+    """Resize and paste in jnp on the device (the default) against host numpy (bit for bit
+    torch's CPU kernels): the same detections within float32 rounding, masks pasted alike; masks
+    too large for `max_device_paste_bytes` are pasted on the host from the device's outputs."""
+    assert predictor.on_device
+    kw = dict(label_ids=predictor.label_ids, class_names=predictor.class_names, buckets=BUCKETS)
+    host = Predictor(predictor.config, predictor.variables, on_device=False, **kw)
+    fallback = Predictor(predictor.config, predictor.variables, max_device_paste_bytes=0, **kw)
+    no_paste = Predictor(predictor.config, predictor.variables, paste=False, **kw)
+    for name in ('landscape', 'portrait', 'exact'):
+        dev, ref = results[name], host(IMAGES[name])
+        # The inputs differ by float32 rounding (~1e-6); through 18 layers of random weights that
+        # moves scores by up to ~2e-5 and boxes by ~1e-4 px here.
+        perm = _match(dev, ref, score_tol=5e-5, box_tol=2e-3)
+        np.testing.assert_allclose(dev['scores'], ref['scores'][perm], atol=5e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(dev['boxes'], ref['boxes'][perm], atol=2e-3, rtol=0, err_msg=name)
+        np.testing.assert_allclose(dev['mask_probs'], ref['mask_probs'][perm], atol=1e-3, rtol=0, err_msg=name)
+        assert dev['masks'].shape == ref['masks'].shape == (len(ref['scores']),) + IMAGES[name].shape[:2]
+        np.testing.assert_allclose(dev['masks'], ref['masks'][perm], atol=1e-3, rtol=0, err_msg=name)
+        fb = fallback(IMAGES[name])
+        _assert_same({k: v for k, v in fb.items() if k != 'masks'}, {k: v for k, v in dev.items() if k != 'masks'})
+        np.testing.assert_allclose(fb['masks'], dev['masks'], atol=1e-6, rtol=0, err_msg=name)
+        assert 'masks' not in no_paste(IMAGES[name])
