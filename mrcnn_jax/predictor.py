@@ -6,7 +6,7 @@ p = Predictor.from_torchvision('maskrcnn_resnet50_fpn_coco.pth')   # path or sta
 p = Predictor.from_checkpoint('converted/')                         # what `mrcnn-jax convert` writes
 out = p(image)            # HxWx3 uint8 RGB; a list of images gives a list of outputs
 out['boxes']  (N, 4) float32 xyxy in original pixels;  out['scores'] (N,);  out['labels'] (N,) int
-out['masks']  (N, H, W) float32 in [0, 1]  (mask models)
+out['masks']  (N, H, W) float32 in [0, 1]  (mask models; bool with mask_threshold=0.5)
 ```
 Each image is resized by the config's test rule, placed on the smallest canvas bucket that holds
 it and run through one compiled program per (bucket, batch size); images of other sizes in the
@@ -20,7 +20,8 @@ pasted masks come back on it and are cropped), so that a GPU never waits on host
 the host path within float32 rounding. `on_device=False` keeps both in host numpy, bit for bit
 torch's CPU kernels (`preprocess.resize_bilinear`, `ops.masks.paste_masks`). Masks whose pasted
 canvas would exceed `max_device_paste_bytes` (photos of many megapixels) are pasted on the host,
-chunk by chunk.
+chunk by chunk. `mask_threshold=t` returns bool masks (`probability > t`, as COCO evaluation and
+drawing use them): thresholded where they are pasted, a quarter of the bytes to move and keep.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Predictor:
     def __init__(self, config: ml_collections.ConfigDict, variables: Any, *,
                  label_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                  buckets: Sequence[tuple[int, int]] | None = None, batch_size: int = 1,
-                 paste: bool = True, on_device: bool = True, max_device_paste_bytes: int = 2 ** 30):
+                 paste: bool = True, on_device: bool = True, max_device_paste_bytes: int = 2 ** 30,
+                 mask_threshold: float | None = None):
         self.config = config
         self.model = build_model(config.model)
         self.variables = jax.device_put(jax.tree_util.tree_map(jnp.asarray, variables))
@@ -63,9 +65,12 @@ class Predictor:
         self.paste = paste
         self.on_device = on_device
         self.max_device_paste_bytes = max_device_paste_bytes
+        if mask_threshold is not None and not 0 <= mask_threshold < 1:
+            raise ValueError(f'mask_threshold must be in [0, 1) or None, got {mask_threshold}')
+        self.mask_threshold = mask_threshold
         self._predict = jax.jit(self.model.apply)
         self._resize = jax.jit(self._resize_fn, static_argnums=2)
-        self._paste = jax.jit(self._paste_fn, static_argnums=2)
+        self._paste = jax.jit(self._paste_fn, static_argnums=(2, 3))
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -172,12 +177,12 @@ class Predictor:
                                                    mean=tuple(d.pixel_mean), std=tuple(d.pixel_std),
                                                    channel_order=d.channel_order)
 
-    def _paste_fn(self, out, info, raw_hw):
+    def _paste_fn(self, out, info, raw_hw, threshold):
         # Boxes in original pixels exactly as `postprocess` computes them (torchvision's
         # resize_boxes: float32(original) / float32(resized) per axis), then pasted on the canvas.
         ratio_h, ratio_w = info[:, 0] / info[:, 2], info[:, 1] / info[:, 3]
         scale = jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=-1)[:, None, :]
-        return resample.paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw)
+        return resample.paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw, threshold=threshold)
 
     def _run_on_device(self, prepped, bucket):
         bs, n = self.batch_size, len(prepped)
@@ -195,7 +200,7 @@ class Predictor:
         if self.paste and 'masks' in out:
             d = out['masks'].shape[1]
             if bs * d * raw_hw[0] * raw_hw[1] * 4 <= self.max_device_paste_bytes:
-                pasted = self._paste(out, info_d, raw_hw)
+                pasted = self._paste(out, info_d, raw_hw, self.mask_threshold)
         out, pasted = jax.device_get((out, pasted))
         results = []
         for j in range(n):
@@ -227,7 +232,7 @@ class Predictor:
             probs = raw['masks'][valid].astype(np.float32)
             out['mask_probs'] = probs
             if self.paste if paste is None else paste:
-                out['masks'] = paste_masks(probs, out['boxes'], (h0, w0))
+                out['masks'] = paste_masks(probs, out['boxes'], (h0, w0), threshold=self.mask_threshold)
         return out
 
 

@@ -310,3 +310,20 @@ def test_host_and_device_paths_agree(predictor, results):
         _assert_same({k: v for k, v in fb.items() if k != 'masks'}, {k: v for k, v in dev.items() if k != 'masks'})
         np.testing.assert_allclose(fb['masks'], dev['masks'], atol=1e-6, rtol=0, err_msg=name)
         assert 'masks' not in no_paste(IMAGES[name])
+
+
+def test_mask_threshold_gives_bool_masks_on_both_paths(predictor, results):
+    """mask_threshold=0.5: bool masks equal to the float masks > 0.5 of the same path (up to
+    probabilities within rounding of 0.5), thresholded on the device or on the host."""
+    kw = dict(label_ids=predictor.label_ids, class_names=predictor.class_names, buckets=BUCKETS)
+    float_masks = {True: results['landscape'],
+                   False: Predictor(predictor.config, predictor.variables, on_device=False, **kw)(IMAGES['landscape'])}
+    for on_device, ref in float_masks.items():
+        p = Predictor(predictor.config, predictor.variables, on_device=on_device, mask_threshold=0.5, **kw)
+        out = p(IMAGES['landscape'])
+        assert out['masks'].dtype == np.bool_ and out['masks'].shape == ref['masks'].shape
+        np.testing.assert_array_equal(out['mask_probs'], ref['mask_probs'])
+        differ = out['masks'] != (ref['masks'] > 0.5)
+        assert out['masks'].any() and not differ[np.abs(ref['masks'] - 0.5) > 1e-6].any()
+    with pytest.raises(ValueError, match='mask_threshold'):
+        Predictor(predictor.config, predictor.variables, mask_threshold=1.5)
