@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mrcnn_jax.data import cli as data_cli
     data_cli.add_subcommands(d.add_subparsers(dest='data_command', required=True))
 
-    b = sub.add_parser('benchmark', help='JAX vs torchvision timings (see scripts/benchmark.py --help)')
+    b = sub.add_parser('benchmark', help='JAX vs torchvision timings (see mrcnn-jax benchmark --help)')
     b.add_argument('rest', nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_benchmark)
 
@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['benchmark']:
+        # Its own parser takes every argument (argparse.REMAINDER would not take a leading --help).
+        from mrcnn_jax import benchmark
+        return benchmark.main(argv[1:])
     rest, overrides = _split_overrides(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     args = build_parser().parse_args(rest)

@@ -113,3 +113,11 @@ def test_checkpoint_of_another_config_names_the_mismatch(tiny_model_dir, tmp_pat
 def test_unknown_override_is_an_error():
     with pytest.raises(KeyError, match='trian'):
         load_config(TINY, ['trian.steps=3'])
+
+
+def test_benchmark_help_is_the_benchmarks_own(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(['benchmark', '--help'])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert '--throughput-batch' in out and '--only' in out
