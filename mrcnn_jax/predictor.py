@@ -99,24 +99,11 @@ class Predictor:
 
     # -- inference -----------------------------------------------------------------------------
     def preprocess(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """uint8 image -> (resized normalized [h, w, 3] float32, image_info [6], bucket)."""
+        """uint8 image -> (resized normalized [h, w, 3] float32, image_info [6], bucket), on the host."""
         d = self.config.data
-        img = preprocess.as_rgb_uint8(image)
-        h, w = img.shape[:2]
-        if h < 1 or w < 1:
-            raise ValueError(f'empty image of shape {img.shape}')
+        img, info, bucket = self._prepare(image)
         x = preprocess.normalize(img, d.pixel_scale, d.pixel_mean, d.pixel_std, d.channel_order)
-        rh, rw = preprocess.resized_size(h, w, d.test_min_size, d.test_max_size, d.resize_rule)
-        x = preprocess.resize_bilinear(x, (rh, rw))
-        sd = self.config.model.size_divisible
-        padded = (int(np.ceil(rh / sd) * sd), int(np.ceil(rw / sd) * sd))
-        bucket = preprocess.choose_bucket(padded, self.buckets)
-        if bucket is None:
-            log.warning('image resized to %s exceeds every bucket %s; compiling a canvas of %s',
-                        (rh, rw), self.buckets, padded)
-            bucket = padded
-        info = np.asarray([h, w, rh, rw, rh / h, rw / w], np.float32)
-        return x, info, bucket
+        return preprocess.resize_bilinear(x, (int(info[2]), int(info[3]))), info, bucket
 
     def predict_batch(self, images: np.ndarray, image_info: np.ndarray) -> dict[str, np.ndarray]:
         """Raw padded model outputs for a canvas batch [B, H, W, 3] (numpy)."""
@@ -154,8 +141,8 @@ class Predictor:
 
     # -- the device path -------------------------------------------------------------------------
     def _prepare(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """uint8 image -> (the same uint8 RGB image, image_info [6], bucket): `preprocess` without
-        the host resize, which the device does."""
+        """uint8 image -> (uint8 RGB image, image_info [6] (h, w, rh, rw, rh / h, rw / w), the
+        canvas bucket): the sizes, without the resize itself."""
         d = self.config.data
         img = preprocess.as_rgb_uint8(image)
         h, w = img.shape[:2]
