@@ -61,3 +61,23 @@ def test_grouped_and_dilated_convs_go_to_lax():
                                       feature_group_count=2)
     np.testing.assert_allclose(y, lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
                                                            dimension_numbers=dn, feature_group_count=2))
+
+
+@pytest.mark.parametrize('padding', [[(0, 0)] * 2, 'VALID'])
+def test_pointwise_conv_is_a_matmul_on_cpu(padding):
+    """1x1 convs (bottleneck reduce/expand, shortcuts, FPN laterals) lower to a dot, which XLA:CPU
+    runs faster than its convolution op; 1x1 with padding and 3x3 stay convolutions."""
+    x = jnp.ones((2, 9, 7, 4))
+    dn = lax.conv_dimension_numbers(x.shape, (1, 1, 4, 6), NHWC)
+
+    def prims(w, pad, stride=(2, 2)):
+        jaxpr = jax.make_jaxpr(lambda a, b: conv_ops.conv_general_dilated(
+            a, b, stride, pad, dimension_numbers=dn))(x, w)
+        return {str(e.primitive) for e in jaxpr.eqns} | {str(e.primitive) for e in jax.make_jaxpr(
+            jax.grad(lambda a, b: conv_ops.conv_general_dilated(a, b, stride, pad, dimension_numbers=dn).sum(),
+                     argnums=(0, 1)))(x, w).eqns}
+    assert jax.default_backend() == 'cpu'
+    one = prims(jnp.ones((1, 1, 4, 6)), padding)
+    assert 'dot_general' in one and 'conv_general_dilated' not in one
+    assert 'conv_general_dilated' in prims(jnp.ones((1, 1, 4, 6)), [(1, 1)] * 2)
+    assert 'conv_general_dilated' in prims(jnp.ones((3, 3, 4, 6)), [(1, 1)] * 2, (1, 1))
