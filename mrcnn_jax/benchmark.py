@@ -58,6 +58,7 @@ the process began, which cannot be reset).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -474,17 +475,19 @@ class Context:
                 return {k: z[k] for k in z.files}
         return {k: v.detach().cpu().numpy() for k, v in self.tv_model.state_dict().items()}
 
-    def predictor(self, batch_size: int):
+    def predictor(self, batch_size: int, dtype: str = 'float32'):
+        """Our Predictor of torchvision's weights; `dtype` is its compute dtype."""
         def make():
             from mrcnn_jax.predictor import Predictor
-            if 'predictor_1' in self._cache:   # same converted variables, another batch size
-                p = self._cache['predictor_1']
-                return Predictor(p.config, p.variables, label_ids=p.label_ids, class_names=p.class_names,
-                                 batch_size=batch_size)
-            s = self.settings
-            return Predictor.from_torchvision(self.state_dict, min_size=s.min_size, max_size=s.max_size,
-                                              batch_size=batch_size)
-        return self._get(f'predictor_{batch_size}', make)
+            if batch_size == 1 and dtype == 'float32':
+                s = self.settings
+                return Predictor.from_torchvision(self.state_dict, min_size=s.min_size, max_size=s.max_size)
+            p = self.predictor(1)              # the same converted variables
+            config = copy.deepcopy(p.config)
+            config.model.dtype = dtype
+            return Predictor(config, p.variables, label_ids=p.label_ids, class_names=p.class_names,
+                             batch_size=batch_size)
+        return self._get(f'predictor_{batch_size}_{dtype}', make)
 
     def save_for_probes(self, directory: str, with_model: bool) -> None:
         with open(os.path.join(directory, 'settings.json'), 'w') as f:
@@ -510,24 +513,35 @@ def _summ_detections(out) -> str:
     return 'detections ' + '/'.join(str(c) for c in counts)
 
 
-def _jax_inference(ctx: Context, b: int):
-    p = ctx.predictor(b)
-    images = [s.image for s in ctx.samples[:b]]
+def _cycle(items: Sequence[Any], n: int) -> list[Any]:
+    """n items, repeating the list as often as needed (the first n when there are enough)."""
+    return [items[i % len(items)] for i in range(n)]
+
+
+def _jax_inference(ctx: Context, b: int, dtype: str = 'float32'):
+    p = ctx.predictor(b, dtype)
+    images = _cycle([x.image for x in ctx.samples], b)
     arg = images[0] if b == 1 else images
     return (lambda: p(arg)), _summ_detections
 
 
-def _torch_inference(ctx: Context, b: int):
+def _torch_autocast(dev, bf16: bool):
+    import torch
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _torch_inference(ctx: Context, b: int, bf16: bool = False):
     import torch
     from mrcnn_jax.testing.torchvision_reference import image_to_tensor
     model, dev = ctx.tv_model, ctx.device
     model.eval()
-    images = [s.image for s in ctx.samples[:b]]
+    images = _cycle([x.image for x in ctx.samples], b)
 
     def fn():
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_autocast(dev, bf16):
             xs = [image_to_tensor(im).to(dev) for im in images]
-            out = [{k: v.cpu() for k, v in o.items()} for o in model(xs)]
+            out = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()}
+                   for o in model(xs)]
         torch_sync(dev)
         return out if b > 1 else out[0]
     return fn, _summ_detections
@@ -591,46 +605,57 @@ def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, 
     return step, state, train_batch(samples, cfg), mesh
 
 
-def _jax_train(ctx: Context):
+def _jax_train(ctx: Context, samples: Sequence[Sample], min_size: int, max_size: int,
+               dtype: str = 'float32', prefetch: bool = False):
+    """Our train step on `samples`; with `prefetch` the batch is on the device before the timed
+    calls (an input pipeline's prefetch), else each call transfers it, as torch's side does."""
     import jax
     from mrcnn_jax.training import train_step as ts
-    s = ctx.settings
-    step, state, batch, mesh = jax_train_setup(ctx.state_dict, ctx.samples[:TRAIN_BATCH], s.min_size, s.max_size)
+    step, state, batch, mesh = jax_train_setup(ctx.state_dict, samples, min_size, max_size, dtype=dtype)
     holder = {'state': state}
+    device_batch = ts.shard_batch(batch, mesh) if prefetch else None
 
     def fn():
-        new_state, metrics = step(holder['state'], ts.shard_batch(batch, mesh))
+        new_state, metrics = step(holder['state'], device_batch if prefetch else ts.shard_batch(batch, mesh))
         holder['state'] = new_state
         return jax.device_get(metrics)
     canvas = batch['images'].shape[1:3]
-    return fn, lambda m: (f'canvas HxW {canvas[0]}x{canvas[1]}, loss {float(m["loss"]):.3f}, '
-                          f'finite {bool(m["finite"])}')
+    return fn, lambda m: (f'batch {len(samples)}, canvas HxW {canvas[0]}x{canvas[1]}, '
+                          f'loss {float(m["loss"]):.3f}, finite {bool(m["finite"])}')
 
 
-def _torch_train(ctx: Context):
+def _torch_train(ctx: Context, samples: Sequence[Sample], canvas_size: int | None = None,
+                 bf16: bool = False, prefetch: bool = False):
+    """torchvision's train step on `samples` (SGD as ours at step 0); `canvas_size` sets its
+    transform's min and max size; `bf16`: autocast; `prefetch` as in `_jax_train`."""
     import torch
     from mrcnn_jax.testing.torchvision_reference import image_to_tensor
     dev = ctx.device
     model = copy.deepcopy(ctx.tv_model).to(dev)
+    if canvas_size is not None:
+        model.transform.min_size, model.transform.max_size = (canvas_size,), canvas_size
     model.train()    # FrozenBN stays frozen; conv1 + layer1 have requires_grad False
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=TORCH_LR, momentum=0.9, weight_decay=1e-4)
-    samples = ctx.samples[:TRAIN_BATCH]
-    images = [image_to_tensor(s.image) for s in samples]
-    targets = [{'boxes': torch.from_numpy(s.boxes), 'labels': torch.from_numpy(s.classes),
-                'masks': torch.from_numpy(s.masks)} for s in samples]
+    images = [image_to_tensor(x.image) for x in samples]
+    targets = [{'boxes': torch.from_numpy(x.boxes), 'labels': torch.from_numpy(x.classes),
+                'masks': torch.from_numpy(x.masks)} for x in samples]
+
+    def to_device():
+        return [x.to(dev) for x in images], [{k: v.to(dev) for k, v in t.items()} for t in targets]
+    on_device = to_device() if prefetch else None
 
     def fn():
-        xs = [x.to(dev) for x in images]
-        ts = [{k: v.to(dev) for k, v in t.items()} for t in targets]
-        losses = model(xs, ts)
-        loss = sum(losses.values())
+        xs, ts = on_device if prefetch else to_device()
+        with _torch_autocast(dev, bf16):
+            losses = model(xs, ts)
+            loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         torch_sync(dev)
         return float(loss.detach())
-    return fn, lambda loss: f'loss {loss:.3f}'
+    return fn, lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
 
 
 # throughput cases (issue 6's H100 goals): bf16 compute on both sides
@@ -651,91 +676,10 @@ def letterbox(sample: Sample, size: int) -> Sample:
     return Sample(f'{sample.name}@{size}', image, boxes.astype(np.float32), sample.classes, masks)
 
 
-def _cycle(items: Sequence[Any], n: int) -> list[Any]:
-    return [items[i % len(items)] for i in range(n)]
-
-
 def _throughput_samples(ctx: Context) -> list[Sample]:
     s = ctx.settings
     return ctx._get('throughput_samples', lambda: _cycle(
         [letterbox(x, s.throughput_size) for x in ctx.samples], s.throughput_batch))
-
-
-def _torch_autocast(dev):
-    import torch
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-
-
-def _jax_train_bf16(ctx: Context):
-    import jax
-    from mrcnn_jax.training import train_step as ts
-    s = ctx.settings
-    samples = _throughput_samples(ctx)
-    step, state, batch, mesh = jax_train_setup(ctx.state_dict, samples, s.throughput_size, s.throughput_size,
-                                               dtype='bfloat16')
-    holder = {'state': state}
-    device_batch = ts.shard_batch(batch, mesh)    # the input pipeline's prefetch: on device already
-
-    def fn():
-        new_state, metrics = step(holder['state'], device_batch)
-        holder['state'] = new_state
-        return jax.device_get(metrics)
-    canvas = batch['images'].shape[1:3]
-    return fn, lambda m: (f'batch {len(samples)}, canvas HxW {canvas[0]}x{canvas[1]}, loss {float(m["loss"]):.3f}, '
-                          f'finite {bool(m["finite"])}')
-
-
-def _torch_train_bf16(ctx: Context):
-    import torch
-    from mrcnn_jax.testing.torchvision_reference import image_to_tensor
-    s, dev = ctx.settings, ctx.device
-    model = copy.deepcopy(ctx.tv_model).to(dev)
-    model.transform.min_size, model.transform.max_size = (s.throughput_size,), s.throughput_size
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=TORCH_LR, momentum=0.9, weight_decay=1e-4)
-    samples = _throughput_samples(ctx)
-    xs = [image_to_tensor(x.image).to(dev) for x in samples]
-    ts = [{'boxes': torch.from_numpy(x.boxes).to(dev), 'labels': torch.from_numpy(x.classes).to(dev),
-           'masks': torch.from_numpy(x.masks).to(dev)} for x in samples]
-
-    def fn():
-        with _torch_autocast(dev):
-            losses = model(xs, ts)
-            loss = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        torch_sync(dev)
-        return float(loss.detach())
-    return fn, lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
-
-
-def _jax_inference_bf16(ctx: Context):
-    from mrcnn_jax.predictor import Predictor
-    p1 = ctx.predictor(1)
-    config = copy.deepcopy(p1.config)
-    config.model.dtype = 'bfloat16'
-    b = ctx.settings.infer_batch
-    p = Predictor(config, p1.variables, label_ids=p1.label_ids, class_names=p1.class_names, batch_size=b)
-    images = _cycle([x.image for x in ctx.samples], b)
-    return (lambda: p(images)), _summ_detections
-
-
-def _torch_inference_bf16(ctx: Context):
-    import torch
-    from mrcnn_jax.testing.torchvision_reference import image_to_tensor
-    model, dev = ctx.tv_model, ctx.device
-    model.eval()
-    images = _cycle([x.image for x in ctx.samples], ctx.settings.infer_batch)
-
-    def fn():
-        with torch.inference_mode(), _torch_autocast(dev):
-            xs = [image_to_tensor(im).to(dev) for im in images]
-            out = [{k: v.float().cpu() for k, v in o.items()} for o in model(xs)]
-        torch_sync(dev)
-        return out
-    return fn, _summ_detections
 
 
 # micro-benchmarks: inputs from a seeded numpy generator, shared by both sides
@@ -868,14 +812,15 @@ def _torch_paste(ctx: Context):
 
 
 def build_case(name: str, side: str, ctx: Context) -> tuple[Callable[[], Any], Callable[[Any], str] | None]:
-    j = side == 'jax'
+    j, s = side == 'jax', ctx.settings
     if name in ('inference_b1', 'inference_b4'):
         b = 1 if name == 'inference_b1' else 4
         return _jax_inference(ctx, b) if j else _torch_inference(ctx, b)
     if name == 'forward_b1':
         return _jax_forward(ctx) if j else _torch_forward(ctx)
     if name == 'train_step_b2':
-        return _jax_train(ctx) if j else _torch_train(ctx)
+        samples = ctx.samples[:TRAIN_BATCH]
+        return (_jax_train(ctx, samples, s.min_size, s.max_size) if j else _torch_train(ctx, samples))
     if name.startswith('roi_align_'):
         _, _, size, method = name.split('_')
         out = int(size.split('x')[0])
@@ -886,9 +831,12 @@ def build_case(name: str, side: str, ctx: Context) -> tuple[Callable[[], Any], C
     if name == 'paste_rle_100':
         return _jax_paste(ctx) if j else _torch_paste(ctx)
     if name == 'train_1024_bf16':
-        return _jax_train_bf16(ctx) if j else _torch_train_bf16(ctx)
+        samples, size = _throughput_samples(ctx), s.throughput_size
+        return (_jax_train(ctx, samples, size, size, 'bfloat16', prefetch=True) if j else
+                _torch_train(ctx, samples, size, bf16=True, prefetch=True))
     if name == 'inference_bf16_b8':
-        return _jax_inference_bf16(ctx) if j else _torch_inference_bf16(ctx)
+        return (_jax_inference(ctx, s.infer_batch, 'bfloat16') if j else
+                _torch_inference(ctx, s.infer_batch, bf16=True))
     raise ValueError(f'unknown case {name!r}; known: {", ".join(CASES)}')
 
 

@@ -129,13 +129,19 @@ class Predictor:
                     results[i] = res
         return results[0] if single else results
 
-    def _run_on_host(self, prepped, bucket):
-        bs = self.batch_size
-        canvas = np.zeros((bs, bucket[0], bucket[1], 3), np.float32)
-        info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
-        for j, (x, inf, _) in enumerate(prepped):
-            canvas[j, :x.shape[0], :x.shape[1]] = x
+    def _batch_info(self, prepped, bucket) -> np.ndarray:
+        """[batch_size, 6] image_info of a chunk; unused slots hold the whole bucket at scale 1."""
+        info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32),
+                       (self.batch_size, 1))
+        for j, (_, inf, _) in enumerate(prepped):
             info[j] = inf
+        return info
+
+    def _run_on_host(self, prepped, bucket):
+        canvas = np.zeros((self.batch_size, bucket[0], bucket[1], 3), np.float32)
+        for j, (x, _, _) in enumerate(prepped):
+            canvas[j, :x.shape[0], :x.shape[1]] = x
+        info = self._batch_info(prepped, bucket)
         raw = self.predict_batch(canvas, info)
         return [self.postprocess({k: v[j] for k, v in raw.items()}, info[j]) for j in range(len(prepped))]
 
@@ -176,11 +182,10 @@ class Predictor:
         raw_hw = tuple(max(resample.raw_canvas(*img.shape[:2])[k] for img, _, _ in prepped) for k in (0, 1))
         raw = np.zeros((bs,) + raw_hw + (3,), np.uint8)
         sizes = np.ones((bs, 4), np.int32)           # unused slots: a 1x1 image
-        info = np.tile(np.asarray([bucket[0], bucket[1], bucket[0], bucket[1], 1, 1], np.float32), (bs, 1))
         for j, (img, inf, _) in enumerate(prepped):
             raw[j, :img.shape[0], :img.shape[1]] = img
             sizes[j] = inf[:4]
-            info[j] = inf
+        info = self._batch_info(prepped, bucket)
         info_d = jnp.asarray(info)
         out = self._predict(self.variables, self._resize(jnp.asarray(raw), jnp.asarray(sizes), bucket), info_d)
         pasted = None
@@ -195,7 +200,8 @@ class Predictor:
                                    paste=self.paste and pasted is None)
             if pasted is not None:
                 h0, w0 = int(info[j, 0]), int(info[j, 1])
-                res['masks'] = np.ascontiguousarray(pasted[j][out['valid'][j]][:, :h0, :w0])
+                # Crop, then select: boolean indexing copies once, into a contiguous array.
+                res['masks'] = pasted[j, :, :h0, :w0][out['valid'][j]]
             results.append(res)
         return results
 
