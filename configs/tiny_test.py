@@ -23,6 +23,7 @@ def get_config():
     m.roi.mask_head_convs = 2
     m.roi.mask_head_channels = 32
     m.roi.max_mask_rois = 16
+    m.roi.mask_roi_chunk = 8               # two chunks: the skipped-chunk path runs in every test
     m.roi.detections_per_img = 20
     m.roi.pre_nms_candidates = 512
     d = c.data

@@ -76,6 +76,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.mask_head_channels = 256
     h.mask_resolution = 28
     h.max_mask_rois = 128                  # positives per image carried to the mask loss
+    # The mask head takes its RoIs this many at a time and skips, at run time, chunks without a
+    # positive (training) or valid detection (inference) in any image; 0: one block, always run.
+    h.mask_roi_chunk = 32
     h.score_thresh = 0.05
     h.nms_thresh = 0.5
     h.detections_per_img = 100

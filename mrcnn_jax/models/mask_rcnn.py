@@ -64,6 +64,7 @@ class MaskRCNN(nn.Module):
     detections_per_img: int = 100
     pre_nms_candidates: int = 4096
     det_min_size: float = 1e-2
+    mask_roi_chunk: int = 32
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -128,9 +129,30 @@ class MaskRCNN(nn.Module):
         """rois [B, R, 4] -> class_logits [B, R, K], box_deltas [B, R, K, 4]."""
         return self.box_head(self._pool(feats, rois, image_info, self.box_pool_size))
 
-    def mask_predictions(self, feats, rois: jnp.ndarray, classes: jnp.ndarray, image_info: jnp.ndarray):
-        """rois [B, R, 4], classes [B, R] -> mask logits [B, R, M, M] of each RoI's class."""
-        return self.mask_head(self._pool(feats, rois, image_info, self.mask_pool_size), classes)
+    def mask_predictions(self, feats, rois: jnp.ndarray, classes: jnp.ndarray, image_info: jnp.ndarray,
+                         active: Optional[jnp.ndarray] = None):
+        """rois [B, R, 4], classes [B, R] -> mask logits [B, R, M, M] of each RoI's class.
+
+        active [B, R] bool (optional): the RoIs whose logits are needed, packed first along R
+        (sampled positives, valid detections). With `mask_roi_chunk` = C > 0 the RoIs are taken C
+        at a time and a chunk without an active RoI in any image of the batch is skipped at run
+        time (`nn.cond`; its logits are 0). Shapes stay static; the mask head's work follows the
+        actual number of positives, as torchvision's does, instead of always `max_mask_rois`. The
+        first chunk always runs (it also creates the variables at init).
+        """
+        def run(mdl, f, ro, cl):
+            return mdl.mask_head(mdl._pool(f, ro, image_info, mdl.mask_pool_size), cl)
+
+        c, r = self.mask_roi_chunk, rois.shape[1]
+        if active is None or c <= 0 or c >= r:
+            return run(self, feats, rois, classes)
+        out = [run(self, feats, rois[:, :c], classes[:, :c])]
+        for s in range(c, r, c):
+            ro, cl = rois[:, s:s + c], classes[:, s:s + c]
+            zeros = jnp.zeros(out[0].shape[:1] + (ro.shape[1],) + out[0].shape[2:], out[0].dtype)
+            out.append(nn.cond(jnp.any(active[:, s:s + c]), run, lambda mdl, f, ro, cl, z=zeros: z,
+                               self, feats, ro, cl))
+        return jnp.concatenate(out, axis=1)
 
     def detect(self, feats, image_info):
         """Inference from features: padded detections (see __call__)."""
@@ -142,8 +164,10 @@ class MaskRCNN(nn.Module):
             detections_per_img=self.detections_per_img, pre_nms_candidates=self.pre_nms_candidates,
             min_size=self.det_min_size)
         if self.mask_head is not None:
-            mask_logits = self.mask_predictions(feats, det['boxes'], det['labels'], image_info)
-            det['masks'] = jax.nn.sigmoid(mask_logits)
+            mask_logits = self.mask_predictions(feats, det['boxes'], det['labels'], image_info,
+                                                active=det['valid'])
+            # padding rows are zero, like their boxes, scores and labels
+            det['masks'] = jnp.where(det['valid'][..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
         return det
 
     def __call__(self, images: jnp.ndarray, image_info: jnp.ndarray):
@@ -196,4 +220,5 @@ def build_model(cfg: ml_collections.ConfigDict) -> MaskRCNN:
         detections_per_img=r.detections_per_img,
         pre_nms_candidates=r.pre_nms_candidates,
         det_min_size=r.min_size,
+        mask_roi_chunk=r.get('mask_roi_chunk', 32),
     )

@@ -156,7 +156,7 @@ def test_apply_shapes_and_valid(tiny):
         # Valid rows first, padding rows zero.
         n = int(v.sum())
         assert v[:n].all() and not v[n:].any()
-        for k in ('boxes', 'scores', 'labels'):
+        for k in ('boxes', 'scores', 'labels', 'masks'):
             assert (out[k][b][~v] == 0).all(), k
 
 
@@ -187,12 +187,41 @@ def test_stages_callable_alone(tiny):
 
     # The stages compose to the model: detect(features) and the mask head on its detections.
     assert res['mask_logits'].shape == (2, D, 28, 28)
-    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(res['mask_logits'])), res['det']['masks'],
+    v = res['det']['valid']
+    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(res['mask_logits']))[v], res['det']['masks'][v],
                                rtol=1e-6, atol=1e-6)
     # __call__ is features + detect: same outputs (values are checked through the Predictor tests).
     call = jax.eval_shape(model.apply, variables, images, info)
     assert jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), call) == jax.tree_util.tree_map(
         lambda x: (x.shape, x.dtype), res['det'])
+
+
+def test_mask_head_skips_chunks_without_active_rois(tiny):
+    """mask_roi_chunk = C: RoIs go through the mask head C at a time; a chunk with no active RoI
+    in any image is not computed (a conditional, logits 0), every other chunk equals the mask
+    head on all RoIs at once."""
+    cfg, model, variables, images, info, res = tiny
+    c = cfg.model.roi.mask_roi_chunk
+    assert 0 < c < D
+    feats = res['feats']
+    rois, labels = res['det']['boxes'], res['det']['labels']
+    active = np.zeros((2, D), bool)
+    active[0, :c + 3] = True           # image 0: the first chunk and three RoIs of the second
+    active[1, 2 * c + 1] = True        # image 1: one RoI in the third chunk
+
+    def masks(m, act):
+        return m.apply(variables, feats, rois, labels, info, act, method=MaskRCNN.mask_predictions)
+    whole = model.clone(mask_roi_chunk=0)
+    chunked, ref = jax.jit(lambda a: (masks(model, a), masks(whole, None)))(active)
+    chunked, ref = np.asarray(chunked), np.asarray(ref)
+    ran = np.zeros(D, bool)
+    ran[:3 * c] = True                 # chunks 0-2 have an active RoI in some image; later ones not
+    np.testing.assert_allclose(chunked[:, ran], ref[:, ran], rtol=1e-6, atol=1e-6)
+    assert (chunked[:, ~ran] == 0).all() and np.abs(ref[:, ~ran]).max() > 0
+    # One conditional per chunk after the first: skipped work is not computed, not masked out.
+    jaxpr = str(jax.make_jaxpr(lambda a: masks(model, a))(active))
+    assert jaxpr.count('cond[') == -(-D // c) - 1
+    assert 'cond[' not in str(jax.make_jaxpr(lambda a: masks(whole, a))(active))
 
 
 def test_faster_rcnn_has_no_mask_branch():

@@ -8,7 +8,9 @@ function on bad input (images without GT, all-crowd images) with the tiny model.
   * no positive RoIs: mask loss 0 with zero (finite) gradients;
   * `make_loss_fn` on the tiny config: an image without GT and an all-crowd image train as
     all-background (finite losses and gradients, no positive anchors or RoIs, no GT candidate),
-    and two identical images get different samples (one PRNG key per image).
+    and two identical images get different samples (one PRNG key per image);
+  * the mask head in chunks (`mask_roi_chunk`), skipping those without a positive, gives the
+    loss and gradients of the mask head on all `max_mask_rois` RoIs.
 """
 
 from __future__ import annotations
@@ -274,3 +276,36 @@ def test_mixed_batch_and_per_image_keys(tiny):
     at, rt = aux['targets']['anchors'], aux['targets']['rois']
     assert not np.array_equal(np.asarray(at.indices[0]), np.asarray(at.indices[1]))
     assert not np.array_equal(np.asarray(rt.indices[0]), np.asarray(rt.indices[1]))
+
+
+def test_mask_head_chunks_give_the_same_loss_and_gradients(tiny):
+    """Chunks of 2 RoIs: the 3+ positives of image 0 span two chunks (both run), the other six
+    chunks have none (skipped). Loss and every gradient equal the unchunked mask head's."""
+    from mrcnn_jax.models.mask_rcnn import build_model
+    cfg, variables, _ = tiny
+    batch = _batch(np.random.default_rng(0), ['gt', 'none'])
+    key = jax.random.PRNGKey(3)
+    out = {}
+    for chunk in (0, 2):
+        c = cfg.copy_and_resolve_references()
+        c.roi.mask_roi_chunk = chunk
+        loss_fn = losses.make_loss_fn(build_model(c), c, with_targets=True)
+        f = jax.jit(jax.value_and_grad(lambda p: loss_fn({**variables, 'params': p}, batch, key), has_aux=True))
+        out[chunk] = f(variables['params'])
+        if chunk:
+            jaxpr = str(jax.make_jaxpr(f)(variables['params']))
+            assert jaxpr.count('cond[') == 2 * (cfg.roi.max_mask_rois // chunk - 1)   # forward + backward
+    (total0, aux0), g0 = out[0]
+    (total2, aux2), g2 = out[2]
+    w = np.asarray(aux2['targets']['mask_weights'])
+    assert 2 < w[0].sum() <= cfg.roi.max_mask_rois - 2 and w[1].sum() == 0
+    assert float(aux0['losses']['loss_mask']) > 0
+    np.testing.assert_allclose(float(total2), float(total0), rtol=1e-6)
+    for k in aux0['losses']:
+        np.testing.assert_allclose(float(aux2['losses'][k]), float(aux0['losses'][k]), rtol=1e-6, err_msg=k)
+    flat0 = jax.tree_util.tree_leaves_with_path(g0)
+    for (path, a), b in zip(flat0, jax.tree_util.tree_leaves(g2)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(a).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+    assert np.abs(np.asarray(g2['mask_head']['mask_fcn1']['kernel'])).max() > 0
