@@ -36,6 +36,7 @@ import numpy as np
 
 from mrcnn_jax import preprocess
 from mrcnn_jax.config import default_config
+from mrcnn_jax.models.layers import np_padded_size
 from mrcnn_jax.models.mask_rcnn import build_model
 from mrcnn_jax.ops import resample
 from mrcnn_jax.ops.masks import paste_masks
@@ -155,8 +156,7 @@ class Predictor:
         if h < 1 or w < 1:
             raise ValueError(f'empty image of shape {img.shape}')
         rh, rw = preprocess.resized_size(h, w, d.test_min_size, d.test_max_size, d.resize_rule)
-        sd = self.config.model.size_divisible
-        padded = (int(np.ceil(rh / sd) * sd), int(np.ceil(rw / sd) * sd))
+        padded = tuple(int(v) for v in np_padded_size((rh, rw), self.config.model.size_divisible))
         bucket = preprocess.choose_bucket(padded, self.buckets)
         if bucket is None:
             log.warning('image resized to %s exceeds every bucket %s; compiling a canvas of %s',

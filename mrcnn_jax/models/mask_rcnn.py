@@ -220,5 +220,5 @@ def build_model(cfg: ml_collections.ConfigDict) -> MaskRCNN:
         detections_per_img=r.detections_per_img,
         pre_nms_candidates=r.pre_nms_candidates,
         det_min_size=r.min_size,
-        mask_roi_chunk=r.get('mask_roi_chunk', 32),
+        mask_roi_chunk=r.get('mask_roi_chunk', MaskRCNN.mask_roi_chunk),
     )

@@ -78,9 +78,9 @@ class MaskHead(nn.Module):
         bl = self.param('mask_fcn_logits_bias', nn.initializers.zeros, (self.num_classes,))
         cls = classes.reshape(b * r).astype(jnp.int32)
         w_sel = jnp.take(wl, cls, axis=1).T.astype(self.dtype)             # [BR, channels]
-        logits = jnp.einsum('nhwuvc,nc->nhwuv', x, w_sel).astype(jnp.float32) + jnp.take(bl, cls)[:, None, None, None, None]
-        logits = logits.transpose(0, 1, 3, 2, 4).reshape(b * r, 2 * s, 2 * s)
-        return logits.reshape(b, r, 2 * s, 2 * s)
+        logits = jnp.einsum('nhwuvc,nc->nhwuv', x, w_sel).astype(jnp.float32)
+        logits = logits + jnp.take(bl, cls)[:, None, None, None, None]
+        return logits.transpose(0, 1, 3, 2, 4).reshape(b, r, 2 * s, 2 * s)
 
 
 def postprocess_detections(

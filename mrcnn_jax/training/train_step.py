@@ -126,7 +126,7 @@ def compiler_options(mesh: Mesh) -> Optional[dict]:
     XLA:CPU: the memory-optimized scheduler. The default one orders the step so that independent
     ops can run concurrently, and on a few cores two convolutions then share the cores and each
     other's caches: the R50-FPN step (batch 2, 800x1216, 2 cores) takes 23.7 s and 10.2 GB peak
-    RSS with it, 22.0 s and 6.3 GB with the memory-optimized order (docs/performance.md, change
+    RSS with it, 22.2 s and 6.3 GB with the memory-optimized order (docs/performance.md, change
     11). Other platforms keep their defaults.
     """
     if all(d.platform == 'cpu' for d in mesh.devices.flat):
