@@ -133,7 +133,7 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
         gt_m = jnp.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
         mt = jax.vmap(lambda ro, gb, gm: tgt.mask_targets(
             ro, gb, gm, r.mask_resolution, soft=r.soft_mask_targets))(mrois, gt_b, gt_m)
-        mask_logits = m.mask_predictions(feats, mrois, mlabels, info, active=mweights > 0)
+        mask_logits = m.mask_predictions(feats, mrois, mlabels, info, active=mweights > 0, train=True)
         losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
     if with_targets:
         aux['targets'] = {'anchors': at, 'rois': rt, 'proposals': proposals,
