@@ -1060,6 +1060,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _transparent_hugepages() -> str:
+    """The kernel's transparent hugepage mode ('always', 'madvise', 'never'), '' if unknown."""
+    try:
+        text = open('/sys/kernel/mm/transparent_hugepage/enabled').read()
+    except OSError:
+        return ''
+    return text[text.find('[') + 1:text.find(']')] if '[' in text else text.strip()
+
+
 def machine_info() -> dict:
     import jax
     import jaxlib
@@ -1074,6 +1083,10 @@ def machine_info() -> dict:
         'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
         'torch_device': str(torch_device()),
         'xla_flags': os.environ.get('XLA_FLAGS', ''),
+        # host allocator settings: both frameworks' CPU steps page-fault GBs of freshly mapped
+        # memory per step, and hugepages change that (docs/performance.md, "Host memory")
+        'transparent_hugepages': _transparent_hugepages(),
+        'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
         'load_avg_start': load_avg(),
     }
     try:
@@ -1102,6 +1115,8 @@ def format_header(info: dict, settings: Settings, source: str) -> str:
         f'{info.get("memory_gib", "?")} GiB RAM; GPU: {info["gpu"]}',
         f'- jax {info["jax"]} (jaxlib {info["jaxlib"]}, backend {info["jax_backend"]}, devices '
         f'{", ".join(info["jax_devices"])}), XLA_FLAGS={info["xla_flags"]!r}',
+        f'- host memory: transparent hugepages {info["transparent_hugepages"] or "?"}, '
+        f'GLIBC_TUNABLES={info["glibc_tunables"]!r}',
         f'- torch {info["torch"]}, torchvision {info["torchvision"]} on {info["torch_device"]}: '
         f'{info["torch_threads"]} intra-op / {info["torch_interop_threads"]} inter-op threads',
         f'- settings: {settings.min_size}/{settings.max_size} sizing, {settings.runs} timed pairs '

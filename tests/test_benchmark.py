@@ -106,6 +106,7 @@ def test_main_micro_benchmarks_write_json_rows(tmp_path, capsys):
     text = capsys.readouterr().out
     assert '| case | runs | JAX s | torch s | ratio jax/torch |' in text
     assert 'AMD' in text or 'cores' in text                        # the header names the machine
+    assert 'host memory: transparent hugepages' in text            # and its allocator settings
 
 
 def test_memory_probe_runs_each_side_in_a_subprocess(tmp_path):
