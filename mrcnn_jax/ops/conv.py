@@ -83,7 +83,6 @@ def input_grad(x_shape: Sequence[int], w: jnp.ndarray, g: jnp.ndarray, strides, 
     Needs kernel size >= stride per axis (every phase has a tap; the phase length covers g).
     """
     b, h, wd, cin = x_shape
-    kh, kw = w.shape[:2]
     (pt, pb), (pl, pr) = padding
     sh, sw = strides
     _, ho, wo, _ = g.shape
