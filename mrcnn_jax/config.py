@@ -137,7 +137,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.keypoints = False
     d.num_keypoints = 17
     d.shuffle_buffer = 1000                # tfds only; other sources shuffle all records per epoch
-    d.deterministic = False                # True: tf.data keeps element order (slower)
+    d.deterministic = True                 # tf.data keeps element order: same seed, same run
     d.num_parallel_calls = -1              # per map stage; -1: AUTOTUNE
     d.prefetch_batches = -1                # -1: AUTOTUNE
     d.skip_crowd_only = False              # train split: drop images whose instances are all crowd
