@@ -60,7 +60,7 @@ def predictions_to_json(pred: dict, class_names=None,
     keep = np.nonzero(np.asarray(pred['scores']) >= score_threshold)[0]
     rles = None
     if pred.get('masks') is not None and len(keep):
-        from mrcnn_jax.ops.masks import encode_rle
+        from mrcnn_jax.evaluation.rle import encode_rle
         rles = encode_rle(np.asarray(pred['masks'])[keep], threshold=mask_threshold)
     out = []
     for j, i in enumerate(keep):

@@ -35,7 +35,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-from mrcnn_jax.ops.masks import DEFAULT_CHUNK_SIZE, encode_rle, paste_masks_to_rle
+from mrcnn_jax.evaluation.rle import encode_rle, paste_masks_to_rle
+from mrcnn_jax.ops.paste import DEFAULT_CHUNK_SIZE
 
 IOU_TYPES = ('bbox', 'segm', 'keypoints')
 BACKENDS = ('pycocotools', 'faster_coco_eval')

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO  # noqa: E402
 
 from mrcnn_jax.evaluation.coco_eval import (CocoEvaluator, evaluate_coco,  # noqa: E402
                                             prediction_to_coco_results, results_for_iou_type)
-from mrcnn_jax.ops.masks import paste_masks  # noqa: E402
+from mrcnn_jax.ops.paste import paste_masks  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data'
 TINY_COCO = SHARED_DATA / 'coco_train2017_tiny' / 'annotations.json'

@@ -1,5 +1,6 @@
-"""Device resize and mask paste (ops/resample.py) against their host twins, which are tested
-bit for bit against torch's kernels (tests/test_preprocess.py, tests/ops/test_masks.py)."""
+"""Bilinear taps against torch's upsample_bilinear2d, and the device image resize
+(ops/resample.py) against its host twin, which is tested bit for bit against torch's kernel
+(tests/test_preprocess.py). The mask pastes are tested in tests/ops/test_paste.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,24 @@ import pytest
 
 from mrcnn_jax import preprocess
 from mrcnn_jax.ops import resample
-from mrcnn_jax.ops.masks import paste_masks
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize('in_size', [28, 30, 32])
+def test_linear_taps_equal_torch_upsample(in_size):
+    torch = pytest.importorskip('torch')
+    # Interpolating the identity (basis images as channels) gives torch's weight matrix exactly.
+    eye = torch.eye(in_size).reshape(1, in_size, in_size, 1)
+    for out_size in list(range(1, 400)) + [511, 800, 1333, 2047]:
+        want = torch.nn.functional.interpolate(eye, size=(out_size, 1), mode='bilinear', align_corners=False)
+        want = want[0, :, :, 0].T.numpy()
+        taps = resample.linear_taps(np.arange(out_size)[None], np.array([out_size]), in_size)
+        i0, i1, w0, w1 = (a[0] for a in taps)
+        got = np.zeros((out_size, in_size), np.float32)
+        got[np.arange(out_size), i0] = w0
+        got[np.arange(out_size), i1] += w1
+        np.testing.assert_array_equal(got, want, err_msg=f'out_size={out_size}')
 
 
 def _raw_batch(images):
@@ -40,39 +56,6 @@ def test_resize_equals_the_host_resize(order, scale):
         tol = 4e-6 * np.abs(ref).max()
         np.testing.assert_allclose(out[j, :rh, :rw], ref, atol=tol, rtol=0, err_msg=str(j))
         assert not out[j, rh:].any() and not out[j, :, rw:].any()      # zero padding
-
-
-def test_paste_equals_the_host_paste():
-    rng = np.random.default_rng(1)
-    n, h, w = 40, 83, 121
-    masks = rng.random((2, n, 28, 28), dtype=np.float32)
-    centre = rng.uniform(-20, 140, (2, n, 2))
-    half = rng.uniform(0.2, 60, (2, n, 2))
-    boxes = np.concatenate([centre - half, centre + half], -1).astype(np.float32)
-    boxes[0, :3] = boxes[0, :3][:, [2, 3, 0, 1]]                          # inverted: pastes nothing
-    boxes[1, :2] = [[200, 200, 260, 240], [-90, -50, -10, -5]]            # entirely outside
-    boxes[1, 2] = [10.3, 20.7, 10.9, 21.2]                                 # under a pixel
-    canvas = resample.raw_canvas(h, w)
-    prob = np.asarray(jax.jit(lambda m, b: resample.paste_masks_to_canvas(m, b, canvas))(masks, boxes))
-    binary = np.asarray(jax.jit(lambda m, b: resample.paste_masks_to_canvas(m, b, canvas, threshold=0.5))(
-        masks, boxes))
-    assert prob.shape == (2, n) + canvas and binary.dtype == bool
-    for b in range(2):
-        ref = paste_masks(masks[b], boxes[b], (h, w))
-        np.testing.assert_allclose(prob[b, :, :h, :w], ref, atol=2e-7, rtol=0)
-        # Thresholds agree except where the probability is within rounding of 0.5.
-        differ = binary[b, :, :h, :w] != (ref > 0.5)
-        assert not differ[np.abs(ref - 0.5) > 1e-6].any()
-    assert not prob[0, :3].any() and not prob[1, :2].any()
-    assert prob[1, 2].any()                                               # 1 x 1 pixel box still pastes
-
-
-def test_expand_boxes_matches_the_host():
-    from mrcnn_jax.ops.masks import expand_boxes_to_pixels
-    rng = np.random.default_rng(2)
-    boxes = rng.uniform(-30, 500, (200, 4)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(resample.expand_boxes_to_pixels(boxes, 28)),
-                                  expand_boxes_to_pixels(boxes, 28))
 
 
 def test_raw_canvas_rounds_up():

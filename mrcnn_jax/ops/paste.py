@@ -1,4 +1,4 @@
-"""Pasting fixed-size mask predictions into the image, on the host, as torchvision does.
+"""Pasting fixed-size mask predictions into the image as torchvision does, on the host and on the device.
 
 The mask head predicts an M x M (M = 28) probability map per detection, aligned with its box. To
 score it against COCO ground truth it has to be resampled into the box's pixels of the original
@@ -17,74 +17,63 @@ torchvision's recipe, quirks included (each reproduced below):
      `F.interpolate(mode='bilinear', align_corners=False)`;
   5. copy the part inside the image into a zero image.
 
-Host-side numpy: this runs after the compiled `predict`, on variable numbers of detections. For
-memory, work goes in chunks of instances (`iter_pasted_masks`); `paste_masks_to_rle` pastes,
-thresholds and RLE-encodes chunk by chunk, so only one chunk of full-image masks exists at a time.
+Two implementations of this recipe, side by side, sharing steps 2-3 (`expand_boxes_to_pixels`)
+and the bilinear taps of step 4 (`ops.resample.linear_taps`):
+
+  * host (numpy): `paste_masks`, `iter_pasted_masks`. Runs after the compiled `predict`, on
+    variable numbers of detections, with torch's CPU taps bit for bit. For memory, work goes in
+    chunks of instances (`iter_pasted_masks`); `evaluation.rle.paste_masks_to_rle` pastes,
+    thresholds and RLE-encodes chunk by chunk, so only one chunk of full-image masks exists at a
+    time.
+  * device (jnp): `paste_masks_to_canvas`. Inside XLA on fixed shapes (a padded batch of
+    detections onto the raw image canvas, `ops.resample.raw_canvas`; the host crops each mask to
+    its image), so that a GPU never waits for host numpy; equal to the host paste to float32
+    rounding (see `ops.resample`).
 """
+
+from __future__ import annotations
 
 from typing import Iterator, Literal
 
+import jax.numpy as jnp
 import numpy as np
 
-# Default number of instances pasted together: 16 x 1333 x 800 float32 is 68 MB.
+from mrcnn_jax.ops.resample import linear_taps, resample_separable
+
+# Default number of instances pasted together on the host: 16 x 1333 x 800 float32 is 68 MB.
 DEFAULT_CHUNK_SIZE = 16
 
 
-def expand_boxes_to_pixels(boxes: np.ndarray, mask_size: int, padding: int = 1) -> np.ndarray:
+def expand_boxes_to_pixels(boxes, mask_size: int, padding: int = 1, xp=np):
     """The integer pixel boxes into which torchvision pastes padded masks.
 
     Args:
-      boxes: [N, 4] float xyxy, in pixels of the image the masks are pasted into.
+      boxes: [..., 4] float xyxy, in pixels of the image the masks are pasted into.
       mask_size: M, the width of the (unpadded) square mask predictions.
       padding: zeros added on each side of the mask before pasting.
+      xp: the array namespace, `numpy` on the host or `jax.numpy` on the device.
 
     Returns:
-      [N, 4] int64 inclusive pixel boxes (x1, y1, x2, y2): the box scaled about its centre by
-      (M + 2 * padding) / M in float32, then truncated toward zero.
+      [..., 4] inclusive pixel boxes (x1, y1, x2, y2) in xp's default int (int64 in numpy, int32
+      in jax without x64): the box scaled about its centre by (M + 2 * padding) / M in float32,
+      then truncated toward zero.
     """
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    boxes = xp.asarray(boxes, dtype=xp.float32)
     # torchvision: `scale = float(M + 2p) / M` is a Python float, but multiplying a float32
     # tensor by it computes in float32, so the scale is rounded to float32 first.
-    scale = np.float32(float(mask_size + 2 * padding) / mask_size)
-    half = np.float32(0.5)
-    w_half = (boxes[:, 2] - boxes[:, 0]) * half * scale
-    h_half = (boxes[:, 3] - boxes[:, 1]) * half * scale
-    x_c = (boxes[:, 2] + boxes[:, 0]) * half
-    y_c = (boxes[:, 3] + boxes[:, 1]) * half
-    expanded = np.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], axis=1)
+    scale = xp.float32(float(mask_size + 2 * padding) / mask_size)
+    half = xp.float32(0.5)
+    w_half = (boxes[..., 2] - boxes[..., 0]) * half * scale
+    h_half = (boxes[..., 3] - boxes[..., 1]) * half * scale
+    x_c = (boxes[..., 2] + boxes[..., 0]) * half
+    y_c = (boxes[..., 3] + boxes[..., 1]) * half
+    expanded = xp.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], axis=-1)
     # torchvision: `.to(torch.int64)` truncates toward zero, unlike floor, for negative coords.
-    return np.trunc(expanded).astype(np.int64)
+    return xp.trunc(expanded).astype(int)
 
 
-def linear_taps(dst: np.ndarray, out_size: np.ndarray,
-                in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The two input taps and weights of bilinear (align_corners=False) resizing in_size -> out_size.
-
-    Args:
-      dst: [N, S] int64 destination pixel indices, 0 <= dst < out_size for the pixels that matter.
-      out_size: [N] int64 output length per instance, >= 1.
-      in_size: input length (M + 2p).
-
-    Returns:
-      (i0, i1, w0, w1): [N, S] int64 input indices and [N, S] float32 weights; output pixel
-      dst[n, s] is w0 * input[i0] + w1 * input[i1], with the indices and weights exactly as
-      torch's CPU `upsample_bilinear2d` computes them.
-    """
-    # torch (UpSample.h): scale = float(in) / out, all in float32;
-    # src = scale * (dst + 0.5) - 0.5, clamped at 0; i0 = min(floor(src), in - 1);
-    # lambda = clamp(src - i0, 0, 1); the second tap is i0 + 1, or i0 again at the last pixel.
-    scale = np.float32(in_size) / out_size.astype(np.float32)
-    # torch's kernel is compiled with FMA, so `scale * (dst + 0.5) - 0.5` is rounded once. The
-    # product of a float32 and a half-integer below 2^24 is exact in float64, so computing in
-    # float64 and rounding to float32 once reproduces it bit for bit (checked for every output
-    # size up to 3000; a plain float32 expression differs by an ulp at some pixels).
-    src = (scale[:, None].astype(np.float64) * (dst + 0.5) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
-    w0 = np.float32(1) - w1
-    i1 = i0 + (i0 < in_size - 1)
-    return i0, i1, w0, w1
+# ----------------------------------------------------------------------------------------------
+# Host (numpy)
 
 
 def _paste_chunk(padded: np.ndarray, int_boxes: np.ndarray, image_hw: tuple[int, int],
@@ -114,8 +103,8 @@ def _paste_chunk(padded: np.ndarray, int_boxes: np.ndarray, image_hw: tuple[int,
     # which torch's kernel rounds. (Gathers rather than `Wy @ mask @ Wx^T` with interpolation
     # matrices: as fast here, and each pixel's value does not depend on the chunk's shapes, as
     # BLAS's blocking would make it.)
-    tx0, tx1, wx0, wx1 = linear_taps(win_x0[:, None] - x1[:, None] + cols, box_w, p_w)  # [n, max_w]
-    ty0, ty1, wy0, wy1 = linear_taps(win_y0[:, None] - y1[:, None] + rows, box_h, p_h)  # [n, max_h]
+    tx0, tx1, wx0, wx1 = linear_taps(win_x0[:, None] - x1[:, None] + cols, box_w[:, None], p_w)  # [n, max_w]
+    ty0, ty1, wy0, wy1 = linear_taps(win_y0[:, None] - y1[:, None] + rows, box_h[:, None], p_h)  # [n, max_h]
     inst = np.arange(n)[:, None]
     columns = padded.transpose(0, 2, 1)  # [n, P(x), P(y)]
     resized_x = columns[inst, tx0] * wx0[:, :, None]
@@ -210,59 +199,43 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int],
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
 
-def encode_rle(masks: np.ndarray, threshold: float = 0.5,
-               chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
-    """COCO compressed RLE of binary masks, counts as str (JSON-ready).
+# ----------------------------------------------------------------------------------------------
+# Device (jnp)
+
+
+def paste_masks_to_canvas(masks: jnp.ndarray, boxes: jnp.ndarray, canvas_hw: tuple[int, int],
+                          padding: int = 1, threshold: float | None = None) -> jnp.ndarray:
+    """Device twin of `paste_masks` for a batch of fixed-size mask predictions.
 
     Args:
-      masks: [N, H, W] bool or uint8 (non-zero is foreground), or float (foreground is
-        `value > threshold`).
-      threshold: used for float masks only.
-      chunk_size: instances converted to Fortran order and encoded together.
+      masks: [..., N, M, M] float probabilities; boxes: [..., N, 4] float32 xyxy in pixels of the
+        original image.
+      canvas_hw: static (H, W) >= the image's size; pixels past the image are meaningless (the
+        caller crops to the image, as torchvision's window does).
+      padding: zeros around each mask before resizing (torchvision: 1).
+      threshold: None gives float32 probabilities; else bool `probability > threshold`.
 
     Returns:
-      N dicts {'size': [H, W], 'counts': str}, as `pycocotools.mask.encode` of each mask.
+      [..., N, H, W] float32 (or bool): each mask resized to its expanded integer box and zero
+      outside it (torchvision's recipe, see the module docstring). Every box is resampled over the
+      whole canvas (static shapes), not only over its window as on the host.
     """
-    from pycocotools import mask as mask_util  # optional dependency: mrcnn-jax[coco]
-
-    masks = np.asarray(masks)
-    if masks.ndim != 3:
-        raise ValueError(f'expected masks [N, H, W], got {masks.shape}')
-    if masks.dtype.kind == 'f':
-        masks = masks > threshold
-    rles = []
-    for start in range(0, masks.shape[0], max(int(chunk_size), 1)):
-        chunk = masks[start:start + chunk_size]
-        # pycocotools wants uint8 [H, W, n] in Fortran order (column-major runs).
-        fortran = np.asfortranarray(chunk.transpose(1, 2, 0), dtype=np.uint8)
-        rles.extend(mask_util.encode(fortran))
-    for rle in rles:
-        rle['counts'] = rle['counts'].decode('ascii')
-    return rles
-
-
-def paste_masks_to_rle(masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int],
-                       padding: int = 1, threshold: float = 0.5,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
-    """Pastes, thresholds and RLE-encodes masks chunk by chunk (no [N, H, W] array is built).
-
-    Args:
-      masks: [N, M, M] float32 probabilities; boxes: [N, 4] float32 xyxy in target pixels.
-      image_hw: (H, W) of the target image.
-      padding, threshold, chunk_size: as in `paste_masks` (foreground is `probability > threshold`).
-
-    Returns:
-      N dicts {'size': [H, W], 'counts': str}, equal to
-      `encode_rle(paste_masks(masks, boxes, image_hw, padding, threshold))`.
-    """
-    from pycocotools import mask as mask_util
-
-    if threshold is None or threshold < 0:
-        raise ValueError(f'paste_masks_to_rle needs a threshold >= 0, got {threshold}')
-    rles = []
-    for chunk in iter_pasted_masks(masks, boxes, image_hw, padding, threshold, chunk_size, layout='nwh'):
-        # [n, W, H] C-contiguous is [H, W, n] Fortran-contiguous: no copy before encoding.
-        rles.extend(mask_util.encode(chunk.view(np.uint8).transpose(2, 1, 0)))
-    for rle in rles:
-        rle['counts'] = rle['counts'].decode('ascii')
-    return rles
+    lead = masks.shape[:-2]
+    m = masks.shape[-1]
+    ch, cw = canvas_hw
+    padded = jnp.pad(masks.reshape((-1, m, m)).astype(jnp.float32), ((0, 0), (padding, padding), (padding, padding)))
+    p = m + 2 * padding
+    x1, y1, x2, y2 = jnp.moveaxis(expand_boxes_to_pixels(boxes.reshape((-1, 4)), m, padding, xp=jnp), -1, 0)
+    box_w = jnp.maximum(x2 - x1 + 1, 1)[:, None]
+    box_h = jnp.maximum(y2 - y1 + 1, 1)[:, None]
+    xs = jnp.arange(cw, dtype=jnp.int32)[None]
+    ys = jnp.arange(ch, dtype=jnp.int32)[None]
+    x_taps = linear_taps(jnp.clip(xs - x1[:, None], 0, box_w - 1), box_w, p, xp=jnp)   # [n, W]
+    y_taps = linear_taps(jnp.clip(ys - y1[:, None], 0, box_h - 1), box_h, p, xp=jnp)   # [n, H]
+    out = resample_separable(padded, y_taps, x_taps)                                    # [n, H, W]
+    inside = (((xs >= x1[:, None]) & (xs <= x2[:, None]))[:, None, :] &
+              ((ys >= y1[:, None]) & (ys <= y2[:, None]))[:, :, None])
+    if threshold is not None:
+        out = out > threshold
+        return (out & inside).reshape(lead + (ch, cw))
+    return jnp.where(inside, out, 0.0).reshape(lead + (ch, cw))

@@ -1,17 +1,17 @@
-"""paste_masks against torchvision's paste_masks_in_image, and its thresholded / RLE paths."""
+"""Mask pasting (ops/paste.py): the host paste against torchvision's paste_masks_in_image, its
+thresholded and chunked paths, and the device paste against the host paste."""
 
+import jax
 import numpy as np
 import pytest
 
-from mrcnn_jax.ops import masks as masks_lib
-from mrcnn_jax.ops.masks import (encode_rle, expand_boxes_to_pixels, iter_pasted_masks, paste_masks,
-                                 paste_masks_to_rle)
+from mrcnn_jax.ops import resample
+from mrcnn_jax.ops.paste import expand_boxes_to_pixels, iter_pasted_masks, paste_masks, paste_masks_to_canvas
 
-torch = pytest.importorskip('torch')
-F = torch.nn.functional
-roi_heads = pytest.importorskip('torchvision.models.detection.roi_heads')
-# pycocotools 2.0.x with numpy 2 warns on every decode.
-pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
+
+def _torch_and_roi_heads():
+    """torch and torchvision's roi_heads, or a skip (the device tests below need neither)."""
+    return pytest.importorskip('torch'), pytest.importorskip('torchvision.models.detection.roi_heads')
 
 
 def _random_boxes(rng, n, image_hw, max_size=None):
@@ -33,27 +33,18 @@ def _overlaps_image(boxes, mask_size, padding, image_hw):
 
 
 def _torchvision_paste(masks, boxes, image_hw, padding):
+    torch, roi_heads = _torch_and_roi_heads()
     out = roi_heads.paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes),
                                          tuple(int(v) for v in image_hw), padding)
     return out[:, 0].numpy()
 
 
-@pytest.mark.parametrize('in_size', [28, 30, 32])
-def test_linear_taps_equal_torch_upsample(in_size):
-    # Interpolating the identity (basis images as channels) gives torch's weight matrix exactly.
-    eye = torch.eye(in_size).reshape(1, in_size, in_size, 1)
-    for out_size in list(range(1, 400)) + [511, 800, 1333, 2047]:
-        want = F.interpolate(eye, size=(out_size, 1), mode='bilinear', align_corners=False)
-        want = want[0, :, :, 0].T.numpy()
-        taps = masks_lib.linear_taps(np.arange(out_size)[None], np.array([out_size]), in_size)
-        i0, i1, w0, w1 = (a[0] for a in taps)
-        got = np.zeros((out_size, in_size), np.float32)
-        got[np.arange(out_size), i0] = w0
-        got[np.arange(out_size), i1] += w1
-        np.testing.assert_array_equal(got, want, err_msg=f'out_size={out_size}')
+# ----------------------------------------------------------------------------------------------
+# Host paste against torchvision
 
 
 def test_expand_boxes_truncates_like_torchvision():
+    torch, roi_heads = _torch_and_roi_heads()
     rng = np.random.default_rng(1)
     boxes = _random_boxes(rng, 2000, (60, 90))
     want = roi_heads.expand_boxes(torch.from_numpy(boxes), 30 / 28).to(torch.int64).numpy()
@@ -107,29 +98,46 @@ def test_threshold_and_chunks_agree_with_float_paste():
     np.testing.assert_array_equal(np.concatenate(chunks).transpose(0, 2, 1), full > 0.5)
 
 
-def test_rle_paths_equal_encoding_the_full_mask():
-    from pycocotools import mask as mask_util
-
-    rng = np.random.default_rng(5)
-    image_hw = (45, 66)
-    masks = rng.random((19, 28, 28), dtype=np.float32)
-    boxes = _random_boxes(rng, 19, image_hw)
-    binary = paste_masks(masks, boxes, image_hw) > 0.5
-    want = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in binary]
-    for rle in want:
-        rle['counts'] = rle['counts'].decode('ascii')
-    assert paste_masks_to_rle(masks, boxes, image_hw, chunk_size=4) == want
-    assert encode_rle(binary, chunk_size=3) == want
-    assert encode_rle(paste_masks(masks, boxes, image_hw)) == want  # float input: > 0.5
-    assert all(isinstance(r['counts'], str) and r['size'] == list(image_hw) for r in want)
-    np.testing.assert_array_equal(mask_util.decode(want).transpose(2, 0, 1), binary)
-
-
 def test_empty_and_outside():
     empty = paste_masks(np.zeros((0, 28, 28), np.float32), np.zeros((0, 4), np.float32), (5, 6))
     assert empty.shape == (0, 5, 6) and empty.dtype == np.float32
-    assert paste_masks_to_rle(np.zeros((0, 28, 28)), np.zeros((0, 4)), (5, 6)) == []
     outside = np.array([[-50, -50, -20, -20], [100, 0, 140, 10], [0, 30, 10, 90]], np.float32)
     assert not paste_masks(np.ones((3, 28, 28), np.float32), outside, (20, 40)).any()
     with pytest.raises(ValueError):
         paste_masks(np.ones((2, 28, 28), np.float32), outside, (20, 40))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device paste against the host paste
+
+
+def test_paste_equals_the_host_paste():
+    rng = np.random.default_rng(1)
+    n, h, w = 40, 83, 121
+    masks = rng.random((2, n, 28, 28), dtype=np.float32)
+    centre = rng.uniform(-20, 140, (2, n, 2))
+    half = rng.uniform(0.2, 60, (2, n, 2))
+    boxes = np.concatenate([centre - half, centre + half], -1).astype(np.float32)
+    boxes[0, :3] = boxes[0, :3][:, [2, 3, 0, 1]]                          # inverted: pastes nothing
+    boxes[1, :2] = [[200, 200, 260, 240], [-90, -50, -10, -5]]            # entirely outside
+    boxes[1, 2] = [10.3, 20.7, 10.9, 21.2]                                 # under a pixel
+    canvas = resample.raw_canvas(h, w)
+    prob = np.asarray(jax.jit(lambda m, b: paste_masks_to_canvas(m, b, canvas))(masks, boxes))
+    binary = np.asarray(jax.jit(lambda m, b: paste_masks_to_canvas(m, b, canvas, threshold=0.5))(
+        masks, boxes))
+    assert prob.shape == (2, n) + canvas and binary.dtype == bool
+    for b in range(2):
+        ref = paste_masks(masks[b], boxes[b], (h, w))
+        np.testing.assert_allclose(prob[b, :, :h, :w], ref, atol=2e-7, rtol=0)
+        # Thresholds agree except where the probability is within rounding of 0.5.
+        differ = binary[b, :, :h, :w] != (ref > 0.5)
+        assert not differ[np.abs(ref - 0.5) > 1e-6].any()
+    assert not prob[0, :3].any() and not prob[1, :2].any()
+    assert prob[1, 2].any()                                               # 1 x 1 pixel box still pastes
+
+
+def test_expand_boxes_matches_the_host():
+    rng = np.random.default_rng(2)
+    boxes = rng.uniform(-30, 500, (200, 4)).astype(np.float32)
+    device = jax.jit(lambda b: expand_boxes_to_pixels(b, 28, xp=jax.numpy))(boxes)
+    np.testing.assert_array_equal(np.asarray(device), expand_boxes_to_pixels(boxes, 28))
