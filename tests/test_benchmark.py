@@ -1,24 +1,31 @@
-"""Smoke test of the benchmark's machinery (mrcnn_jax/benchmark.py), not of speed.
+"""Smoke test of the benchmark's machinery (mrcnn_jax/bench/), not of speed.
 
 The interleaved timer and its pair-by-pair ratios on a fake clock; `main` in-process on tiny
 micro-benchmarks (JSON rows, table, ratios recomputed from the per-pair times); one memory probe
-subprocess; the train batch built for the model cases, on synthetic images. The R50 cases
-themselves are far too slow for a test (minutes of compilation on 2 cores).
+subprocess; the train batch built for the model cases, on synthetic images; the one-line error
+of `mrcnn-jax benchmark` where torch cannot be imported. The R50 cases themselves are far too
+slow for a test (minutes of compilation on 2 cores).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip('torch')
-pytest.importorskip('torchvision')
-pytest.importorskip('pycocotools')
+from mrcnn_jax.bench import cases, cli, harness, inputs, report
 
-from mrcnn_jax import benchmark  # noqa: E402
+REPO = inputs.REPO
+# Running cases needs both frameworks (and pycocotools for paste_rle_100); the rest does not.
+needs_torch = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ('torch', 'torchvision', 'pycocotools')),
+    reason='torch, torchvision and pycocotools are needed to run cases (pip install "mrcnn-jax[bench,coco]")')
 
 REQUIRED = {'name': str, 'jax_median_s': float, 'torch_median_s': float, 'ratio': float, 'runs': int}
 
@@ -47,8 +54,8 @@ def test_interleave_takes_the_median_of_per_pair_ratios():
     jax_fn = clock.workload([30.0, 5.0, 1.0, 2.0, 9.0])
     torch_fn = clock.workload([3.0, 5.0, 1.0, 4.0, 3.0])
     seen = []
-    t = benchmark.interleave(jax_fn, torch_fn, runs=3, warmup=1, clock=clock,
-                             on_first=lambda side, out: seen.append(side))
+    t = harness.interleave(jax_fn, torch_fn, runs=3, warmup=1, clock=clock,
+                           on_first=lambda side, out: seen.append(side))
     assert seen == ['jax', 'torch']
     assert (t.jax_first_s, t.torch_first_s) == (30.0, 3.0)
     assert t.jax_runs == [1.0, 2.0, 9.0] and t.torch_runs == [1.0, 4.0, 3.0]
@@ -59,19 +66,19 @@ def test_interleave_takes_the_median_of_per_pair_ratios():
 
 def test_interleave_alternates_sides():
     order = []
-    benchmark.interleave(lambda: order.append('a'), lambda: order.append('b'), runs=2, warmup=1)
+    harness.interleave(lambda: order.append('a'), lambda: order.append('b'), runs=2, warmup=1)
     assert order == ['a', 'b'] * 4
 
 
 def test_resolve_cases():
     # The bf16 throughput cases (issue 6's H100 goals) run by default only where there is a GPU.
-    assert benchmark.resolve_cases('') == list(benchmark.MODEL_CASES + benchmark.MICRO_CASES)
-    assert benchmark.resolve_cases('', gpu=True) == list(benchmark.CASES)
-    assert benchmark.resolve_cases('throughput') == list(benchmark.THROUGHPUT_CASES)
-    assert benchmark.resolve_cases('micro,inference_b1') == ['inference_b1', *benchmark.MICRO_CASES]
-    assert benchmark.resolve_cases('train_step_b2,inference_b4') == ['inference_b4', 'train_step_b2']
+    assert cli.resolve_cases('') == list(cases.MODEL_CASES + cases.MICRO_CASES)
+    assert cli.resolve_cases('', gpu=True) == list(cases.CASES)
+    assert cli.resolve_cases('throughput') == list(cases.THROUGHPUT_CASES)
+    assert cli.resolve_cases('micro,inference_b1') == ['inference_b1', *cases.MICRO_CASES]
+    assert cli.resolve_cases('train_step_b2,inference_b4') == ['inference_b4', 'train_step_b2']
     with pytest.raises(SystemExit):
-        benchmark.resolve_cases('nope')
+        cli.resolve_cases('nope')
 
 
 def _check_rows(rows, names):
@@ -89,11 +96,12 @@ def _check_rows(rows, names):
         assert r['torch_first_call_s'] > 0 and r['load_avg'] and r['device']
 
 
+@needs_torch
 def test_main_micro_benchmarks_write_json_rows(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     names = ['roi_align_7x7_gather', 'roi_align_7x7_einsum', 'nms_1000', 'paste_rle_100']
-    rc = benchmark.main(['--quick', '--only', ','.join(names), '--runs', '2', '--memory', 'none',
-                         '--micro-canvas', '64x96', '--micro-rois', '16', '--json', str(out)])
+    rc = cli.main(['--quick', '--only', ','.join(names), '--runs', '2', '--memory', 'none',
+                   '--micro-canvas', '64x96', '--micro-rois', '16', '--json', str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())
     _check_rows(rows, names)
@@ -109,10 +117,11 @@ def test_main_micro_benchmarks_write_json_rows(tmp_path, capsys):
     assert 'host memory: transparent hugepages' in text            # and its allocator settings
 
 
+@needs_torch
 def test_memory_probe_runs_each_side_in_a_subprocess(tmp_path):
     out = tmp_path / 'bench.json'
-    rc = benchmark.main(['--quick', '--only', 'nms_1000', '--runs', '2', '--memory', 'all',
-                         '--json', str(out)])
+    rc = cli.main(['--quick', '--only', 'nms_1000', '--runs', '2', '--memory', 'all',
+                   '--json', str(out)])
     assert rc == 0
     (row,) = json.loads(out.read_text())
     _check_rows([row], ['nms_1000'])
@@ -123,13 +132,13 @@ def test_memory_probe_runs_each_side_in_a_subprocess(tmp_path):
 
 def test_train_batch_on_synthetic_samples():
     from mrcnn_jax.config import default_config
-    samples = benchmark.synthetic_samples(2, seed=1)
+    samples = inputs.synthetic_samples(2, seed=1)
     cfg = default_config()
     cfg.data.min_size, cfg.data.max_size, cfg.data.max_instances, cfg.data.mask_size = (320,), 512, 12, 28
-    batch = benchmark.train_batch(samples, cfg)
+    batch = inputs.train_batch(samples, cfg)
     h, w = samples[0].image.shape[:2]
-    rh, rw = benchmark.resized_size(h, w, 320, 512)
-    assert batch['images'].shape == (2,) + benchmark.padded_size(rh, rw) + (3,)
+    rh, rw = inputs.resized_size(h, w, 320, 512)
+    assert batch['images'].shape == (2,) + inputs.padded_size(rh, rw) + (3,)
     assert batch['gt_masks'].shape == (2, 12, 28, 28) and batch['gt_masks'].dtype == np.uint8
     for i, s in enumerate(samples):
         n = len(s.boxes)
@@ -144,7 +153,7 @@ def test_train_batch_on_synthetic_samples():
 def test_crop_masks_samples_cell_centres():
     mask = np.zeros((1, 10, 20), np.uint8)
     mask[0, :, 10:] = 1
-    crop = benchmark.crop_masks(mask, np.asarray([[0, 0, 20, 10]], np.float32), 4)
+    crop = inputs.crop_masks(mask, np.asarray([[0, 0, 20, 10]], np.float32), 4)
     np.testing.assert_array_equal(crop[0], [[0, 0, 1, 1]] * 4)
 
 
@@ -153,14 +162,14 @@ def test_table_shows_errors_and_missing_fields():
              'runs': 0, 'error': 'RuntimeError: boom'},
             {'name': 'nms_1000', 'jax_median_s': 0.5, 'torch_median_s': 0.25, 'ratio': 2.0, 'runs': 5,
              'load_avg': [1.0, 2.0, 3.0]}]
-    table = benchmark.format_table(rows)
+    table = report.format_table(rows)
     assert 'error: RuntimeError: boom' in table
     assert '| nms_1000 | 5 | 0.5000 | 0.2500 | 2.00 |' in table and '1.0/2.0/3.0' in table
 
 
 def test_letterbox_places_the_photo_on_a_square_canvas():
-    (sample,) = benchmark.synthetic_samples(1, seed=2)          # 640x427 photo-like image
-    out = benchmark.letterbox(sample, 256)
+    (sample,) = inputs.synthetic_samples(1, seed=2)          # 640x427 photo-like image
+    out = inputs.letterbox(sample, 256)
     scale = 256 / 640
     rh = round(427 * scale)
     assert out.image.shape == (256, 256, 3) and out.masks.shape == (len(sample.masks), 256, 256)
@@ -175,5 +184,19 @@ def test_letterbox_places_the_photo_on_a_square_canvas():
 def test_table_gives_images_per_second_for_throughput_cases():
     rows = [{'name': 'train_1024_bf16', 'jax_median_s': 0.08, 'torch_median_s': 0.16, 'ratio': 0.5,
              'runs': 5, 'images_per_call': 8, 'jax_images_per_s': 100.0, 'torch_images_per_s': 50.0}]
-    table = benchmark.format_table(rows)
+    table = report.format_table(rows)
     assert '| train_1024_bf16 | 8 | 100 | 50.0 | 10.0 | 20.0 |' in table
+
+
+def test_benchmark_without_torch_names_the_extra_in_one_line():
+    # A fresh interpreter where `import torch` fails: the CLI module imports without torch, and
+    # the command says what to install (the bench extra) instead of a traceback.
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None; "
+            "from mrcnn_jax import cli; sys.exit(cli.main(['benchmark', '--quick', '--only', 'nms_1000']))")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=str(REPO), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert 'Traceback' not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [cli.NO_TORCH]
+    assert 'pip install "mrcnn-jax[bench]"' in cli.NO_TORCH and cli.NO_TORCH.startswith('error: ')

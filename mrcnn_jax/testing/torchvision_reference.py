@@ -1,7 +1,8 @@
 """torchvision reference models for parity tests and benchmarks: random, seeded, not degenerate.
 
 `build_torchvision_maskrcnn` builds what `maskrcnn_resnet50_fpn(weights=COCO_V1)` builds
-(FrozenBatchNorm2d with eps 0, 3 trainable backbone layers) with random weights:
+(FrozenBatchNorm2d with eps 0, 3 trainable backbone layers: `torchvision_architecture`, also
+what a saved state_dict is loaded into) with random weights:
   * frozen-BN statistics are calibrated on an image, as in a trained network: each BN's
     running mean / variance are its input's per-channel statistics, perturbed, and its affine
     weight / bias random around (1, 0). Activations then stay O(1) through the 50 layers; with
@@ -97,12 +98,12 @@ def _calibrate_classifier(model: torch.nn.Module, gen: torch.Generator, logit_st
     reg.bias.zero_()
 
 
-@torch.no_grad()
-def build_torchvision_maskrcnn(seed: int = 0, depth: int = 50, mask: bool = True, num_classes: int = 91,
-                               cls_logit_std: float = 3.0, rpn_logit_std: float = 0.5,
-                               rpn_delta_std: float = 0.1, calibration_images=(), **kwargs) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+def torchvision_architecture(depth: int = 50, mask: bool = True, num_classes: int = 91,
+                             **kwargs) -> torch.nn.Module:
+    """torchvision's {mask,faster}rcnn_resnet{depth}_fpn as the v1 COCO weights load it
+    (FrozenBatchNorm2d with eps 0, 3 trainable backbone layers), with torchvision's own random
+    initialisation from the global torch seed; `kwargs` go to MaskRCNN / FasterRCNN (min_size,
+    max_size, ...). For loading a saved state_dict, and the start of `build_torchvision_maskrcnn`."""
     resnet = {50: torchvision.models.resnet50, 18: torchvision.models.resnet18,
               101: torchvision.models.resnet101}[depth]
     body = resnet(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
@@ -110,6 +111,16 @@ def build_torchvision_maskrcnn(seed: int = 0, depth: int = 50, mask: bool = True
     cls = MaskRCNN if mask else FasterRCNN
     model = cls(backbone, num_classes=num_classes, **kwargs)
     overwrite_eps(model, 0.0)
+    return model
+
+
+@torch.no_grad()
+def build_torchvision_maskrcnn(seed: int = 0, depth: int = 50, mask: bool = True, num_classes: int = 91,
+                               cls_logit_std: float = 3.0, rpn_logit_std: float = 0.5,
+                               rpn_delta_std: float = 0.1, calibration_images=(), **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = torchvision_architecture(depth, mask, num_classes, **kwargs)
     _calibrate_frozen_bn(model, gen)
     cal = [image_to_tensor(im) for im in calibration_images] or [_calibration_image(gen)]
     _calibrate_rpn(model, cal, rpn_logit_std, rpn_delta_std)
