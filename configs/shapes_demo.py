@@ -4,16 +4,11 @@ The time budget (train.max_seconds) stops training early on a slower machine; th
 saves, evaluates and draws as usual.
 """
 
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location('shapes_tiny', pathlib.Path(__file__).with_name('shapes_tiny.py'))
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
+from configs import shapes_tiny
 
 
 def get_config():
-    c = _tiny.get_config()
+    c = shapes_tiny.get_config()
     c.train.steps = 700                     # ~0.6-0.7 s/step on 2 cores
     c.train.warmup_steps = 50
     c.train.decay_steps = (600,)

@@ -7,20 +7,16 @@ to freeze), a 64-channel FPN and light heads, on 256 x 256 images of 4 shape cla
 dataset is generated into data.synthetic_dir (a cache folder by default) when missing.
 """
 
+from configs import common
 from mrcnn_jax.config import default_config
 
 
 def get_config():
     c = default_config()
     c.seed = 0
+    common.small_resnet18_fpn(c, width=32, fpn_channels=64)
+    common.synthetic_shapes(c, image_size=256)
     m = c.model
-    m.num_classes = 5                       # background + circle, square, triangle, star
-    m.backbone.depth = 18
-    m.backbone.width = 32
-    m.backbone.norm = 'gn'
-    m.backbone.frozen_stages = 0
-    m.fpn.channels = 64
-    m.anchors.sizes = (16, 32, 64, 128, 256)
     m.rpn.pre_nms_topk_train = 1000
     m.rpn.post_nms_topk_train = 500
     m.rpn.pre_nms_topk_test = 500
@@ -35,15 +31,8 @@ def get_config():
     m.roi.pre_nms_candidates = 1000
 
     d = c.data
-    d.source = 'synthetic'
-    d.synthetic_image_size = 256
     d.synthetic_num_train = 400
     d.synthetic_num_val = 50
-    d.canvas = (256, 256)
-    d.min_size = (256,)
-    d.max_size = 256
-    d.test_min_size = 256
-    d.test_max_size = 256
     d.max_instances = 12
     d.mask_size = 56
 

@@ -1,18 +1,14 @@
 """A tiny Mask R-CNN for fast tests: narrow ResNet-18 FPN on a 128-256 px canvas, 5 classes."""
 
+from configs import common
 from mrcnn_jax.config import default_config
 
 
 def get_config():
     c = default_config()
+    common.small_resnet18_fpn(c, width=16, fpn_channels=32)
+    common.synthetic_shapes(c, image_size=128)
     m = c.model
-    m.num_classes = 5
-    m.backbone.depth = 18
-    m.backbone.width = 16
-    m.backbone.frozen_stages = 0
-    m.backbone.norm = 'gn'
-    m.fpn.channels = 32
-    m.anchors.sizes = (16, 32, 64, 128, 256)
     m.rpn.pre_nms_topk_train = 256
     m.rpn.pre_nms_topk_test = 200
     m.rpn.post_nms_topk_train = 256
@@ -27,15 +23,8 @@ def get_config():
     m.roi.detections_per_img = 20
     m.roi.pre_nms_candidates = 512
     d = c.data
-    d.source = 'synthetic'
-    d.canvas = (128, 128)
-    d.min_size = (128,)
-    d.max_size = 128
-    d.test_min_size = 128
-    d.test_max_size = 128
     d.max_instances = 8
     d.mask_size = 28
-    d.synthetic_image_size = 128
     d.synthetic_num_train = 16
     d.synthetic_num_val = 8
     c.train.batch_size = 2

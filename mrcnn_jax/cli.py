@@ -12,6 +12,8 @@ import os
 import pathlib
 import sys
 
+import numpy as np
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -83,6 +85,7 @@ def _cmd_eval(args, overrides) -> int:
 
     p = load_predictor(args.checkpoint, args.config, overrides, paste=False)
     cfg = p.config
+    p.batch_size = args.batch_size or cfg.eval.batch_size
     if args.annotations or args.images:
         if not (args.annotations and args.images):
             print('--annotations and --images go together', file=sys.stderr)
@@ -90,12 +93,14 @@ def _cmd_eval(args, overrides) -> int:
         cfg.data.source = 'coco_json'
         cfg.data.val_annotations = args.annotations
         cfg.data.val_images = args.images
-        if cfg.model.num_classes == 91 and cfg.model.semantics == 'torchvision':
+        if np.array_equal(p.label_ids, np.arange(cfg.model.num_classes)):
+            # The model's class index is the category id (torchvision's 91-way COCO head): the
+            # dataset is read the same way, so its check of num_classes against the categories
+            # agrees. (Results carry p.label_ids[label] either way.)
             cfg.data.class_index = 'category_id'
     out = pathlib.Path(args.out or (pathlib.Path(args.checkpoint) / 'eval'))
     try:
-        metrics = evaluate(cfg, p, max_images=args.max_images, out_dir=out, batch_size=args.batch_size,
-                           backend=args.backend)
+        metrics = evaluate(cfg, p, max_images=args.max_images, out_dir=out, backend=args.backend)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -118,14 +123,13 @@ def _cmd_predict(args, overrides) -> int:
     import json
 
 
-    from mrcnn_jax.evaluation.inference import BatchedInference
     from mrcnn_jax.visualize import draw_predictions, predictions_to_json
 
     files = _expand_images(args.images)
     if not files:
         print('error: no images given (or the folders hold none)', file=sys.stderr)
         return 1
-    p = load_predictor(args.checkpoint, args.config, overrides)
+    p = load_predictor(args.checkpoint, args.config, overrides, batch_size=args.batch_size)
     names = dict(zip((int(i) for i in p.label_ids), p.class_names))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,16 +148,20 @@ def _cmd_predict(args, overrides) -> int:
             yield f, originals[f]
 
     from tqdm import tqdm
-    runner = BatchedInference(p, args.batch_size)
+    unusable = []
     n = 0
-    for f, pred in tqdm(runner(items()), total=len(files), desc='predict', unit='img'):
+    for f, pred in tqdm(p.predict_iter(items(), on_error=lambda f, e: unusable.append((f, e))),
+                        total=len(files), desc='predict', unit='img'):
         image = originals.pop(f)
         draw_predictions(image, pred, names, args.score_threshold).save(out / f'{f.stem}.png')
         record = {'image': str(f), 'height': int(image.shape[0]), 'width': int(image.shape[1]),
                   'instances': predictions_to_json(pred, names, args.score_threshold)}
         (out / f'{f.stem}.json').write_text(json.dumps(record))
         n += 1
-    skipped = len(bad) + len(runner.skipped)
+    for f, e in unusable:
+        originals.pop(f, None)
+        print(f'skipping {f}: {e}', file=sys.stderr)
+    skipped = len(bad) + len(unusable)
     print(f'wrote {n} overlay(s) and JSON file(s) to {out}' + (f'; skipped {skipped} unreadable file(s)' if skipped else ''))
     return 0 if n else 1
 
@@ -169,8 +177,8 @@ def _cmd_export(args, overrides) -> int:
 
 
 def _cmd_benchmark(args, overrides) -> int:
-    from mrcnn_jax import benchmark
-    return benchmark.main(args.rest)
+    from mrcnn_jax.bench.cli import main as benchmark_main
+    return benchmark_main(args.rest)
 
 
 def _cmd_demo(args, overrides) -> int:
@@ -245,8 +253,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['benchmark']:
         # Its own parser takes every argument (argparse.REMAINDER would not take a leading --help).
-        from mrcnn_jax import benchmark
-        return benchmark.main(argv[1:])
+        from mrcnn_jax.bench.cli import main as benchmark_main
+        return benchmark_main(argv[1:])
     rest, overrides = _split_overrides(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     args = build_parser().parse_args(rest)

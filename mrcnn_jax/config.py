@@ -4,25 +4,22 @@ Experiment files under `configs/` start from `default_config()` and change field
 line overrides any field (`--config.train.steps=20`). Defaults are torchvision's
 `maskrcnn_resnet50_fpn` (v1, COCO) so that converted torchvision weights reproduce their source.
 
-Fields whose meaning depends on a reference implementation name it:
-    * `model.semantics`: 'torchvision' (RoIAlign aligned=False, rounded anchors with
-        stride = padded size // feature size, FrozenBN eps 0 for the v1 weights) or 'detectron2'
-        (aligned=True, exact anchors with fixed strides).
-    * `data.resize_rule`: 'torchvision' floors the resized size, 'detectron2' rounds it.
+Every point where torchvision and Detectron2 differ (RoIAlign alignment and sampling ratio, anchor
+rounding and strides, level assignment, class layout, resize rule, pixel format, the stride in the
+1x1 or the 3x3, loss forms) is in `model.conventions`: `name` picks a preset of
+`models/conventions.py`, and each other field overrides it when not None.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-# torchvision normalizes x/255 with ImageNet statistics; we keep them in [0, 1] units and say so.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mrcnn_jax.models import conventions as conventions_lib
 
 
 def default_model_config() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
-    m.semantics = 'torchvision'            # or 'detectron2'
+    m.conventions = conventions_lib.config_group('torchvision')   # or name='detectron2'
     m.num_classes = 91                     # including background (index 0)
     m.mask_on = True                       # False: Faster R-CNN (box only)
     m.dtype = 'float32'                    # compute dtype of convs/FCs: 'float32' or 'bfloat16'
@@ -32,7 +29,6 @@ def default_model_config() -> ml_collections.ConfigDict:
     b.width = 64                           # stem / first-stage width; narrow (e.g. 16) for tests
     b.groups = 1                           # ResNeXt: 32
     b.width_per_group = 64                 # ResNeXt: 4 or 8
-    b.stride_in_1x1 = False                # torchvision: stride in the 3x3; Detectron2 (MSRA): 1x1
     b.norm = 'frozen_bn'                   # 'frozen_bn' (pretrained weights) or 'gn' (from scratch)
     b.norm_eps = 0.0                       # FrozenBN eps; torchvision v1 COCO weights use 0
     b.frozen_stages = 2                    # 0: nothing, 1: stem, k: stem + res2..res(k)  (tv: 3 trainable)
@@ -55,10 +51,12 @@ def default_model_config() -> ml_collections.ConfigDict:
     r.bg_iou_thresh = 0.3
     r.batch_size_per_image = 256
     r.positive_fraction = 0.5
-    r.loss_type = 'smooth_l1'              # torchvision: smooth L1 beta 1/9; detectron2: 'l1'
-    r.smooth_l1_beta = 1.0 / 9.0
 
     h = m.roi = ml_collections.ConfigDict()
+    h.heads = 'standard'                   # models/roi_heads.py ROI_HEADS
+    h.box_head = '2fc'                     # models/heads: BOX_HEADS
+    h.box_predictor = 'fast_rcnn'          # BOX_PREDICTORS
+    h.mask_head = 'conv_upsample'          # MASK_HEADS (when mask_on)
     h.fg_iou_thresh = 0.5
     h.bg_iou_thresh = 0.5
     h.batch_size_per_image = 512
@@ -66,8 +64,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.box_weights = (10.0, 10.0, 5.0, 5.0)
     h.box_pool_size = 7
     h.mask_pool_size = 14
-    h.sampling_ratio = 2                   # <= 0: adaptive ceil(roi_size / pool_size)
-    h.max_sampling_ratio = 8               # static bound when adaptive
+    h.max_sampling_ratio = 8               # static bound of the adaptive grid (sampling ratio 0)
     h.canonical_scale = 224
     h.canonical_level = 4
     h.roi_align_method = 'gather'          # or 'einsum'
@@ -84,9 +81,6 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.detections_per_img = 100
     h.pre_nms_candidates = 4096            # (proposal, class) pairs entering per-class NMS
     h.min_size = 1e-2
-    h.box_loss_type = 'smooth_l1'          # torchvision: smooth L1 beta 1/9; detectron2: 'l1'
-    h.smooth_l1_beta = 1.0 / 9.0
-    h.soft_mask_targets = True             # torchvision: soft (roi_align of the 0/1 mask); D2: >= 0.5
 
     m.size_divisible = 32
     # Zero activations outside each image's `size_divisible`-padded region before every spatial
@@ -122,13 +116,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.bucket_weights = ()                  # probability of each bucket per step; () uniform
     d.min_size = (800,)                    # several values: multi-scale training
     d.max_size = 1333
-    d.resize_rule = 'torchvision'          # 'torchvision' (floor) | 'detectron2' (round)
-    d.resize_antialias = False             # torchvision: False; Detectron2 resizes with PIL
-                                           # (antialiased when shrinking): True is closer
-    d.channel_order = 'RGB'                # 'BGR' for Detectron2 MSRA weights
-    d.pixel_scale = 1.0 / 255.0            # torchvision works on [0, 1] images; Detectron2 on [0, 255]
-    d.pixel_mean = IMAGENET_MEAN           # in units after pixel_scale
-    d.pixel_std = IMAGENET_STD
+    # Inference (Predictor, eval, predict): the shortest-edge resize and the canvas buckets;
+    # () buckets: preprocess.default_buckets(test_min_size, test_max_size).
+    d.test_min_size = 800
+    d.test_max_size = 1333
+    d.test_buckets = ()
+    # The resize rule and pixel format (scale, channel order, mean, std) are model conventions:
+    # model.conventions (models/conventions.py).
     d.flip_prob = 0.5
     d.max_instances = 100
     d.mask_size = 112
@@ -228,16 +222,36 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
 
 
 def load_config(path, overrides=()) -> ml_collections.ConfigDict:
-    """A config file (Python, `get_config()` -> ConfigDict) with overrides applied."""
-    import importlib.util
-    import os
+    """A config file (Python, `get_config()` -> ConfigDict) with overrides applied.
 
-    path = os.fspath(path)
-    spec = importlib.util.spec_from_file_location(f'_mrcnn_config_{abs(hash(os.path.abspath(path)))}', path)
-    if spec is None or spec.loader is None or not os.path.exists(path):
+    A file inside a package (a folder with `__init__.py`, such as the repository's `configs/`) is
+    imported as a module of that package (`configs.shapes_demo`), so configs build on each other
+    with plain imports (`from configs import shapes_tiny`); any other file is loaded by path.
+    """
+    import importlib
+    import importlib.util
+    import pathlib
+    import sys
+
+    file = pathlib.Path(path)
+    if not file.is_file():
         raise FileNotFoundError(f'cannot load config file {path}')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    file = file.resolve()
+    parts, root = [file.stem], file.parent
+    while (root / '__init__.py').exists():
+        parts.insert(0, root.name)
+        root = root.parent
+    if len(parts) > 1:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        module = importlib.import_module('.'.join(parts))
+        if pathlib.Path(module.__file__).resolve() != file:
+            raise ImportError(f'{path}: module {".".join(parts)} resolves to {module.__file__} (another '
+                              f'package of that name comes first on sys.path)')
+    else:
+        spec = importlib.util.spec_from_file_location(f'_mrcnn_config_{abs(hash(str(file)))}', file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     if not hasattr(module, 'get_config'):
         raise AttributeError(f'{path} has no get_config()')
     return apply_overrides(module.get_config(), overrides)

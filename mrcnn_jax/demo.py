@@ -43,8 +43,8 @@ def main(workdir='demo_out', overrides=(), config_path=None) -> int:
     _banner('3/4 evaluation on the held-out split')
     from mrcnn_jax.evaluation.inference import evaluate
     from mrcnn_jax.predictor import Predictor
-    p = Predictor.from_checkpoint(workdir / 'model', cfg, paste=False)
-    metrics = evaluate(cfg, p, out_dir=workdir / 'eval', batch_size=cfg.eval.batch_size)
+    p = Predictor.from_checkpoint(workdir / 'model', cfg, paste=False, batch_size=cfg.eval.batch_size)
+    metrics = evaluate(cfg, p, out_dir=workdir / 'eval')
 
     _banner('4/4 overlays of held-out images')
     from mrcnn_jax.data import ground_truth

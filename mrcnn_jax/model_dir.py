@@ -7,6 +7,9 @@ DIR/metadata.json    {'label_ids': [...], 'class_names': [...], 'source': ...}
 DIR/variables/       orbax checkpoint of {'params': ..., 'frozen': ...}
 ```
 Restoring validates the variables against the config's model and names every mismatch.
+Directories written before the model was grouped into stages (config keys `model.semantics`,
+`data.resize_rule`, ...; variables `box_head`, `mask_head` at the top level) are read and
+migrated on load (`migrate_legacy_config`, `migrate_legacy_variables`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,64 @@ class CheckpointMismatchError(ValueError):
     """The saved variables do not fit the configured model (message names the differences)."""
 
 
+# Legacy config keys -> (conventions field, value map). Older files stored each explicitly.
+_LEGACY_CONVENTION_KEYS = {
+    ('model', 'backbone', 'stride_in_1x1'): ('stride_in_1x1', None),
+    ('model', 'rpn', 'loss_type'): ('rpn_loss_type', None),
+    ('model', 'rpn', 'smooth_l1_beta'): ('rpn_smooth_l1_beta', None),
+    ('model', 'roi', 'box_loss_type'): ('box_loss_type', None),
+    ('model', 'roi', 'smooth_l1_beta'): ('box_smooth_l1_beta', None),
+    ('model', 'roi', 'soft_mask_targets'): ('mask_targets', {True: 'soft', False: 'hard'}),
+    ('model', 'roi', 'sampling_ratio'): ('sampling_ratio', None),
+    ('data', 'resize_rule'): ('resize_rule', {'torchvision': 'floor', 'detectron2': 'round'}),
+    ('data', 'resize_antialias'): ('resize_antialias', None),
+    ('data', 'channel_order'): ('channel_order', None),
+    ('data', 'pixel_scale'): ('pixel_scale', None),
+    ('data', 'pixel_mean'): ('pixel_mean', None),
+    ('data', 'pixel_std'): ('pixel_std', None),
+}
+
+
+def migrate_legacy_config(saved: dict) -> dict:
+    """A saved config dict of an older layout -> the current one (in place; returned)."""
+    model = saved.get('model', {})
+    if 'semantics' not in model:
+        return saved
+    from mrcnn_jax.models.conventions import preset
+
+    group = model.setdefault('conventions', {})
+    group['name'] = model.pop('semantics')
+    base = preset(group['name'])
+    for path, (field, values) in _LEGACY_CONVENTION_KEYS.items():
+        node = saved
+        for name in path[:-1]:
+            node = node.get(name, {})
+        if path[-1] in node:
+            value = node.pop(path[-1])
+            value = values.get(value, value) if values else value
+            value = tuple(value) if isinstance(value, list) else value
+            if value != getattr(base, field):    # only what differs from the preset
+                group[field] = value
+    return saved
+
+
+def migrate_legacy_variables(variables: dict) -> dict:
+    """Variables with the box and mask heads at the top level -> under 'roi_heads'."""
+    params = variables.get('params', {})
+    if 'box_head' not in params:
+        return variables
+    params = dict(params)
+    box = dict(params.pop('box_head'))
+    roi = {'box_head': {k: box.pop(k) for k in ('fc6', 'fc7') if k in box}, 'box_predictor': box}
+    if 'mask_head' in params:
+        roi['mask_head'] = params.pop('mask_head')
+    params['roi_heads'] = roi
+    return {**variables, 'params': params}
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
     """Merge saved JSON onto the default schema (so older files gain new fields' defaults)."""
-    saved = json.loads(text)
+    saved = migrate_legacy_config(json.loads(text))
     cfg = default_config()
 
     def merge(dst, src):
@@ -82,7 +140,7 @@ def load_model_dir(path, config: ml_collections.ConfigDict | None = None):
     """-> (config, variables as numpy, metadata). `config` overrides the saved one (its model
     must match the saved variables, else CheckpointMismatchError)."""
     import orbax.checkpoint as ocp
-    from mrcnn_jax.convert.torchvision import abstract_variables
+    from mrcnn_jax.models.mask_rcnn import abstract_variables
 
     path = pathlib.Path(path).absolute()
     if not (path / 'config.json').exists():
@@ -92,6 +150,6 @@ def load_model_dir(path, config: ml_collections.ConfigDict | None = None):
     metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     with ocp.StandardCheckpointer() as ckptr:
         raw = ckptr.restore(path / 'variables')
-    raw = jax.tree_util.tree_map(np.asarray, raw)
+    raw = migrate_legacy_variables(jax.tree_util.tree_map(np.asarray, raw))
     check_variables(abstract_variables(cfg.model), raw)
     return cfg, raw, metadata

@@ -8,17 +8,25 @@ out = p(image)            # HxWx3 uint8 RGB; a list of images gives a list of ou
 out['boxes']  (N, 4) float32 xyxy in original pixels;  out['scores'] (N,);  out['labels'] (N,) int
 out['masks']  (N, H, W) float32 in [0, 1]  (mask models; bool with mask_threshold=0.5)
 ```
-Each image is resized by the config's test rule, placed on the smallest canvas bucket that holds
-it and run through one compiled program per (bucket, batch size); images of other sizes in the
-same bucket reuse it. Images are processed independently: torchvision's batched inference pads
-every image to the largest in its batch, which changes results with batch composition; ours are
-those of torchvision run on each image alone.
+Each image is resized by the model conventions' rule (`model.conventions`, to data.test_min_size /
+test_max_size), placed on the smallest canvas bucket that holds it and run through one compiled
+program per (bucket, batch size); images of other sizes in the same bucket reuse it.
+
+One batched-inference path, for a few images and for a dataset: `predict_iter` streams (key,
+image) pairs through batches of `batch_size` per bucket, sharded over a device mesh (default: all
+local devices, `training.train_step.make_mesh`; the batch is rounded up to a multiple of the
+devices), and yields results as batches finish; `__call__` collects them in order. COCO
+evaluation (`evaluation/inference.py`) and the `predict` CLI use it.
+
+Images are processed independently: torchvision's batched inference pads every image to the
+largest in its batch, which changes results with batch composition; ours are those of torchvision
+run on each image alone.
 
 Where the work runs (`on_device`): by default the resize and the mask paste run on the device in
-jnp (`ops/resample.py`; the raw uint8 image is uploaded on a canvas padded to a multiple of 64,
+jnp (`ops/resample.py`, `ops/paste.py`; the raw uint8 image is uploaded on a canvas padded to a multiple of 64,
 pasted masks come back on it and are cropped), so that a GPU never waits on host numpy; equal to
 the host path within float32 rounding. `on_device=False` keeps both in host numpy, bit for bit
-torch's CPU kernels (`preprocess.resize_bilinear`, `ops.masks.paste_masks`). Masks whose pasted
+torch's CPU kernels (`preprocess.resize_bilinear`, `ops.paste.paste_masks`). Masks whose pasted
 canvas would exceed `max_device_paste_bytes` (photos of many megapixels) are pasted on the host,
 chunk by chunk. `mask_threshold=t` returns bool masks (`probability > t`, as COCO evaluation and
 drawing use them): thresholded where they are pasted, a quarter of the bytes to move and keep.
@@ -27,19 +35,22 @@ drawing use them): thresholded where they are pasted, a quarter of the bytes to 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from mrcnn_jax import preprocess
 from mrcnn_jax.config import default_config
+from mrcnn_jax.models.conventions import Conventions
 from mrcnn_jax.models.layers import np_padded_size
 from mrcnn_jax.models.mask_rcnn import build_model
 from mrcnn_jax.ops import resample
-from mrcnn_jax.ops.masks import paste_masks
+from mrcnn_jax.ops.paste import paste_masks, paste_masks_to_canvas
+from mrcnn_jax.training.train_step import batch_sharding, make_mesh, replicated
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +61,55 @@ class Predictor:
     def __init__(self, config: ml_collections.ConfigDict, variables: Any, *,
                  label_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                  buckets: Sequence[tuple[int, int]] | None = None, batch_size: int = 1,
-                 paste: bool = True, on_device: bool = True, max_device_paste_bytes: int = 2 ** 30,
-                 mask_threshold: float | None = None):
+                 mesh: Mesh | None = None, paste: bool = True, on_device: bool = True,
+                 max_device_paste_bytes: int = 2 ** 30, mask_threshold: float | None = None):
         self.config = config
+        self.conventions = Conventions.from_config(config.model.conventions)
         self.model = build_model(config.model)
-        self.variables = jax.device_put(jax.tree_util.tree_map(jnp.asarray, variables))
         k = config.model.num_classes
         self.label_ids = np.asarray(label_ids if label_ids is not None else np.arange(k), np.int64)
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in self.label_ids]
         d = config.data
-        self.buckets = [tuple(b) for b in (buckets or d.get('test_buckets', ()) or
+        self.buckets = [tuple(b) for b in (buckets or d.test_buckets or
                                            preprocess.default_buckets(d.test_min_size, d.test_max_size,
                                                                       config.model.size_divisible))]
+        self.mesh = mesh if mesh is not None else make_mesh(jax.local_devices())
         self.batch_size = batch_size
+        self._data = batch_sharding(self.mesh)
+        self._rep = replicated(self.mesh)
+        self.variables = variables
         self.paste = paste
         self.on_device = on_device
         self.max_device_paste_bytes = max_device_paste_bytes
         if mask_threshold is not None and not 0 <= mask_threshold < 1:
             raise ValueError(f'mask_threshold must be in [0, 1) or None, got {mask_threshold}')
         self.mask_threshold = mask_threshold
+        # Shardings follow the inputs: variables replicated, batches split on the mesh's 'data' axis.
         self._predict = jax.jit(self.model.apply)
         self._resize = jax.jit(self._resize_fn, static_argnums=2)
         self._paste = jax.jit(self._paste_fn, static_argnums=(2, 3))
+
+    @property
+    def batch_size(self) -> int:
+        """Images per compiled batch (per bucket), a multiple of the mesh's devices."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, n: int):
+        devices = self.mesh.devices.size
+        self._batch_size = max(int(n), 1)
+        if self._batch_size % devices:
+            self._batch_size = -(-self._batch_size // devices) * devices
+            log.info('inference batch rounded up to %d (a multiple of %d devices)', self._batch_size, devices)
+
+    @property
+    def variables(self):
+        return self._variables
+
+    @variables.setter
+    def variables(self, variables):
+        """Replicated on the mesh (a no-op for arrays already placed so, e.g. a train state's)."""
+        self._variables = jax.device_put(variables, self._rep)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -99,36 +137,62 @@ class Predictor:
                    **kwargs)
 
     # -- inference -----------------------------------------------------------------------------
+    def __call__(self, images):
+        """One HxWx3 uint8 image -> its result dict; a list of images -> a list of results."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results: list[dict | None] = [None] * len(items)
+        for i, res in self.predict_iter(enumerate(items)):
+            results[i] = res
+        return results[0] if single else results
+
+    def predict_iter(self, items: Iterable[tuple[Any, Any]],
+                     on_error: Callable[[Any, Exception], None] | None = None) -> Iterator[tuple[Any, dict]]:
+        """(key, uint8 image) pairs in, (key, result) out as batches finish (grouped by bucket, so
+        not in input order). Memory stays bounded: one pending batch per bucket.
+
+        on_error(key, exception): called for an image that cannot be prepared (bad shape or
+        dtype: ValueError, TypeError), which is then skipped; None raises.
+        """
+        prepare = self._prepare if self.on_device else self.preprocess
+        pending: dict[tuple[int, int], list] = {}
+        for key, image in items:
+            try:
+                prepped = prepare(image)
+            except (ValueError, TypeError) as e:
+                if on_error is None:
+                    raise
+                on_error(key, e)
+                continue
+            rows = pending.setdefault(prepped[2], [])
+            rows.append((key, prepped))
+            if len(rows) == self.batch_size:
+                yield from self._run(prepped[2], rows)
+                pending[prepped[2]] = []
+        for bucket, rows in pending.items():
+            if rows:
+                yield from self._run(bucket, rows)
+
+    def _run(self, bucket, rows) -> Iterator[tuple[Any, dict]]:
+        run = self._run_on_device if self.on_device else self._run_on_host
+        results = run([p for _, p in rows], bucket)
+        yield from zip((key for key, _ in rows), results)
+
     def preprocess(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """uint8 image -> (resized normalized [h, w, 3] float32, image_info [6], bucket), on the host."""
-        d = self.config.data
+        c = self.conventions
         img, info, bucket = self._prepare(image)
-        x = preprocess.normalize(img, d.pixel_scale, d.pixel_mean, d.pixel_std, d.channel_order)
+        x = preprocess.normalize(img, c.pixel_scale, c.pixel_mean, c.pixel_std, c.channel_order)
         return preprocess.resize_bilinear(x, (int(info[2]), int(info[3]))), info, bucket
 
     def predict_batch(self, images: np.ndarray, image_info: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw padded model outputs for a canvas batch [B, H, W, 3] (numpy)."""
-        out = self._predict(self.variables, jnp.asarray(images), jnp.asarray(image_info))
+        """Raw padded model outputs for a canvas batch [B, H, W, 3] (numpy; B a multiple of the
+        mesh's devices)."""
+        out = self._predict(self.variables, self._shard(images), self._shard(image_info))
         return jax.tree_util.tree_map(np.asarray, out)
 
-    def __call__(self, images):
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if self.on_device:
-            prepped = [self._prepare(im) for im in items]
-        else:
-            prepped = [self.preprocess(im) for im in items]
-        results: list[dict | None] = [None] * len(items)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, (_, _, bucket) in enumerate(prepped):
-            by_bucket.setdefault(bucket, []).append(i)
-        for bucket, idxs in by_bucket.items():
-            for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start:start + self.batch_size]
-                run = self._run_on_device if self.on_device else self._run_on_host
-                for i, res in zip(chunk, run([prepped[i] for i in chunk], bucket)):
-                    results[i] = res
-        return results[0] if single else results
+    def _shard(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(np.asarray(x), self._data)
 
     def _batch_info(self, prepped, bucket) -> np.ndarray:
         """[batch_size, 6] image_info of a chunk; unused slots hold the whole bucket at scale 1."""
@@ -155,7 +219,7 @@ class Predictor:
         h, w = img.shape[:2]
         if h < 1 or w < 1:
             raise ValueError(f'empty image of shape {img.shape}')
-        rh, rw = preprocess.resized_size(h, w, d.test_min_size, d.test_max_size, d.resize_rule)
+        rh, rw = self.conventions.resized_size(h, w, d.test_min_size, d.test_max_size)
         padded = tuple(int(v) for v in np_padded_size((rh, rw), self.config.model.size_divisible))
         bucket = preprocess.choose_bucket(padded, self.buckets)
         if bucket is None:
@@ -165,17 +229,17 @@ class Predictor:
         return img, np.asarray([h, w, rh, rw, rh / h, rw / w], np.float32), bucket
 
     def _resize_fn(self, raw, sizes, canvas_hw):
-        d = self.config.data
-        return resample.normalize_resize_to_canvas(raw, sizes, canvas_hw, pixel_scale=d.pixel_scale,
-                                                   mean=tuple(d.pixel_mean), std=tuple(d.pixel_std),
-                                                   channel_order=d.channel_order)
+        c = self.conventions
+        return resample.normalize_resize_to_canvas(raw, sizes, canvas_hw, pixel_scale=c.pixel_scale,
+                                                   mean=c.pixel_mean, std=c.pixel_std,
+                                                   channel_order=c.channel_order)
 
     def _paste_fn(self, out, info, raw_hw, threshold):
         # Boxes in original pixels exactly as `postprocess` computes them (torchvision's
         # resize_boxes: float32(original) / float32(resized) per axis), then pasted on the canvas.
         ratio_h, ratio_w = info[:, 0] / info[:, 2], info[:, 1] / info[:, 3]
         scale = jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=-1)[:, None, :]
-        return resample.paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw, threshold=threshold)
+        return paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw, threshold=threshold)
 
     def _run_on_device(self, prepped, bucket):
         bs, n = self.batch_size, len(prepped)
@@ -186,8 +250,8 @@ class Predictor:
             raw[j, :img.shape[0], :img.shape[1]] = img
             sizes[j] = inf[:4]
         info = self._batch_info(prepped, bucket)
-        info_d = jnp.asarray(info)
-        out = self._predict(self.variables, self._resize(jnp.asarray(raw), jnp.asarray(sizes), bucket), info_d)
+        info_d = self._shard(info)
+        out = self._predict(self.variables, self._resize(self._shard(raw), self._shard(sizes), bucket), info_d)
         pasted = None
         if self.paste and 'masks' in out:
             d = out['masks'].shape[1]
@@ -235,7 +299,7 @@ def config_for_torchvision(model_cfg: ml_collections.ConfigDict, *, score_thresh
     """A full config around a torchvision model section, with its inference settings."""
     cfg = default_config()
     cfg.model = model_cfg
-    cfg.model.semantics = 'torchvision'
+    cfg.model.conventions.name = 'torchvision'
     cfg.model.backbone.norm_eps = norm_eps
     cfg.model.roi.score_thresh = score_thresh
     cfg.model.roi.nms_thresh = nms_thresh

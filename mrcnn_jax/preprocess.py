@@ -5,7 +5,7 @@ top-left of a canvas chosen from a small set of buckets, so the compiled model s
 of shapes. The numbers reproduce torchvision's:
   * scale = min(min_size / min(h, w), max_size / max(h, w)); the resized size is
     floor(h * scale) in double precision (torch.nn.functional.interpolate with
-    recompute_scale_factor=True), or round() with the Detectron2 rule;
+    recompute_scale_factor=True), or rounded with Detectron2's rule (`Conventions.resize_rule`);
   * bilinear, align_corners=False, no antialias, with the scale recomputed as in / out, all in
     float32 with the operation order and FMA rounding of torch's CPU kernels (`resize_bilinear`);
   * normalize before resizing ((x / 255 - mean) / std, RGB), pad with zeros.
@@ -18,16 +18,20 @@ from typing import Sequence
 
 import numpy as np
 
-from mrcnn_jax.ops.masks import linear_taps
+from mrcnn_jax.ops.resample import linear_taps
 
 
-def resized_size(h: int, w: int, min_size: float, max_size: float, rule: str = 'torchvision') -> tuple[int, int]:
-    """Output (height, width) of the shortest-edge resize."""
+def resized_size(h: int, w: int, min_size: float, max_size: float, rule: str = 'floor') -> tuple[int, int]:
+    """Output (height, width) of the shortest-edge resize (`Conventions.resize_rule`).
+
+    'floor' (torchvision): scale = min(min_size / short, max_size / long), floor(side * scale)
+    (F.interpolate with recompute_scale_factor=True). 'round' (Detectron2 ResizeShortestEdge):
+    the short side becomes min_size, both shrink if the long one exceeds max_size, int(x + 0.5).
+    """
     scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
-    if rule == 'torchvision':
+    if rule == 'floor':
         return int(math.floor(h * scale)), int(math.floor(w * scale))
-    if rule == 'detectron2':
-        # ResizeShortestEdge: computes the target from the short side, caps the long side, rounds.
+    if rule == 'round':
         size = float(min_size)
         s = size / min(h, w)
         newh, neww = (size, s * w) if h < w else (s * h, size)
@@ -60,8 +64,8 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     image = np.asarray(image, np.float32)
     h, w = image.shape[:2]
     oh, ow = out_hw
-    y0, y1, wy0, wy1 = (a[0] for a in linear_taps(np.arange(oh)[None], np.asarray([oh]), h))
-    x0, x1, wx0, wx1 = (a[0] for a in linear_taps(np.arange(ow)[None], np.asarray([ow]), w))
+    y0, y1, wy0, wy1 = linear_taps(np.arange(oh), oh, h)
+    x0, x1, wx0, wx1 = linear_taps(np.arange(ow), ow, w)
     wx0 = wx0[None, :, None]
     wx1 = wx1[None, :, None]
     wy0 = wy0[:, None, None]

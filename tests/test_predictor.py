@@ -327,3 +327,67 @@ def test_mask_threshold_gives_bool_masks_on_both_paths(predictor, results):
         assert out['masks'].any() and not differ[np.abs(ref['masks'] - 0.5) > 1e-6].any()
     with pytest.raises(ValueError, match='mask_threshold'):
         Predictor(predictor.config, predictor.variables, mask_threshold=1.5)
+
+
+_MESH_WORKER = r'''
+import json, sys
+import numpy as np
+import jax
+from mrcnn_jax import Predictor
+from mrcnn_jax.training.train_step import make_mesh
+
+path, images_file = sys.argv[1], sys.argv[2]
+images = dict(np.load(images_file))
+buckets = [(96, 128)]
+many = Predictor.from_checkpoint(path, buckets=buckets, batch_size=3)     # all 4 devices
+one = Predictor.from_checkpoint(path, buckets=buckets, mesh=make_mesh(jax.devices()[:1]))
+keys = sorted(images)
+got = dict(many.predict_iter((k, images[k]) for k in keys))
+ref = dict(zip(keys, one([images[k] for k in keys])))
+x = many._shard(np.zeros((many.batch_size, 96, 128, 3), np.float32))
+report = {'devices': many.mesh.devices.size, 'batch_size': many.batch_size,
+          'input_shards': len(x.sharding.device_set),
+          'variables_replicated': all(a.sharding.is_fully_replicated and len(a.sharding.device_set) == 4
+                                      for a in jax.tree_util.tree_leaves(many.variables)),
+          'detections': {k: int(len(ref[k]['scores'])) for k in keys}, 'max_diff': {}}
+for k in keys:
+    assert set(got[k]) == set(ref[k]), k
+    for name in ref[k]:
+        a, b = np.asarray(got[k][name], np.float64), np.asarray(ref[k][name], np.float64)
+        assert a.shape == b.shape, (k, name, a.shape, b.shape)
+        report['max_diff'][f'{k}/{name}'] = float(np.abs(a - b).max(initial=0))
+print(json.dumps(report))
+'''
+
+
+def test_predictor_over_a_mesh_equals_one_device(predictor, tmp_path):
+    """One inference path for every device count: a Predictor on a 4-device mesh (virtual CPU
+    devices, in a subprocess) shards each batch over the devices, rounds its batch up to a
+    multiple of them, and gives the results of a one-device Predictor."""
+    import json
+    import subprocess
+    import sys
+
+    import os
+    import pathlib
+
+    from mrcnn_jax.model_dir import save_model_dir
+
+    path = tmp_path / 'model'
+    save_model_dir(path, predictor.config, jax.device_get(predictor.variables),
+                   {'label_ids': [int(i) for i in predictor.label_ids], 'class_names': predictor.class_names})
+    names = ('landscape', 'landscape_small', 'exact')
+    np.savez(tmp_path / 'images.npz', **{k: IMAGES[k] for k in names})
+    env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, '-c', _MESH_WORKER, str(path), str(tmp_path / 'images.npz')],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report['devices'] == 4 and report['batch_size'] == 4
+    assert report['input_shards'] == 4 and report['variables_replicated']
+    assert min(report['detections'].values()) > 0
+    # Same program per image, split over devices: equal up to float32 reassociation.
+    worst = {k: v for k, v in report['max_diff'].items() if v > 1e-4}
+    assert not worst, worst

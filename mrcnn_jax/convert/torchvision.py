@@ -87,7 +87,7 @@ def _need(sd: Mapping[str, np.ndarray], key: str) -> np.ndarray:
 
 
 def model_config_from_state_dict(sd: Mapping[str, np.ndarray]) -> ml_collections.ConfigDict:
-    """The `config.model` that this state_dict's architecture needs (torchvision semantics)."""
+    """The `config.model` that this state_dict's architecture needs (torchvision conventions)."""
     if 'backbone.body.conv1.weight' not in sd or 'roi_heads.box_predictor.cls_score.weight' not in sd:
         raise StateDictError('not a torchvision Mask R-CNN / Faster R-CNN state_dict: missing '
                              "'backbone.body.conv1.weight' or 'roi_heads.box_predictor.cls_score.weight'")
@@ -160,18 +160,22 @@ def _expected_torch_keys(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str,
     for t, f in (('conv.0.0', 'conv'), ('cls_logits', 'cls_logits'), ('bbox_pred', 'bbox_pred')):
         m[f'rpn.head.{t}.weight'] = ('params', 'rpn_head', f, 'kernel')
         m[f'rpn.head.{t}.bias'] = ('params', 'rpn_head', f, 'bias')
-    for t, f in (('box_head.fc6', 'fc6'), ('box_head.fc7', 'fc7'), ('box_predictor.cls_score', 'cls_score'),
-                 ('box_predictor.bbox_pred', 'bbox_pred')):
-        m[f'roi_heads.{t}.weight'] = ('params', 'box_head', f, 'kernel')
-        m[f'roi_heads.{t}.bias'] = ('params', 'box_head', f, 'bias')
+    # torchvision's roi_heads.{box_head, box_predictor, mask_head + mask_predictor} map onto our
+    # roi_heads.{box_head, box_predictor, mask_head} (one mask module, as Detectron2's).
+    for t, f in (('box_head.fc6', ('box_head', 'fc6')), ('box_head.fc7', ('box_head', 'fc7')),
+                 ('box_predictor.cls_score', ('box_predictor', 'cls_score')),
+                 ('box_predictor.bbox_pred', ('box_predictor', 'bbox_pred'))):
+        m[f'roi_heads.{t}.weight'] = ('params', 'roi_heads') + f + ('kernel',)
+        m[f'roi_heads.{t}.bias'] = ('params', 'roi_heads') + f + ('bias',)
     if cfg.mask_on:
+        mask = ('params', 'roi_heads', 'mask_head')
         for i in range(cfg.roi.mask_head_convs):
-            m[f'roi_heads.mask_head.{i}.0.weight'] = ('params', 'mask_head', f'mask_fcn{i + 1}', 'kernel')
-            m[f'roi_heads.mask_head.{i}.0.bias'] = ('params', 'mask_head', f'mask_fcn{i + 1}', 'bias')
-        m['roi_heads.mask_predictor.conv5_mask.weight'] = ('params', 'mask_head', 'conv5_mask_kernel')
-        m['roi_heads.mask_predictor.conv5_mask.bias'] = ('params', 'mask_head', 'conv5_mask_bias')
-        m['roi_heads.mask_predictor.mask_fcn_logits.weight'] = ('params', 'mask_head', 'mask_fcn_logits_kernel')
-        m['roi_heads.mask_predictor.mask_fcn_logits.bias'] = ('params', 'mask_head', 'mask_fcn_logits_bias')
+            m[f'roi_heads.mask_head.{i}.0.weight'] = mask + (f'mask_fcn{i + 1}', 'kernel')
+            m[f'roi_heads.mask_head.{i}.0.bias'] = mask + (f'mask_fcn{i + 1}', 'bias')
+        m['roi_heads.mask_predictor.conv5_mask.weight'] = mask + ('conv5_mask_kernel',)
+        m['roi_heads.mask_predictor.conv5_mask.bias'] = mask + ('conv5_mask_bias',)
+        m['roi_heads.mask_predictor.mask_fcn_logits.weight'] = mask + ('mask_fcn_logits_kernel',)
+        m['roi_heads.mask_predictor.mask_fcn_logits.bias'] = mask + ('mask_fcn_logits_bias',)
     return m
 
 
@@ -203,6 +207,8 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ml_collections.ConfigD
     Raises StateDictError naming every missing, unexpected and mis-shaped key.
     """
     import flax
+
+    from mrcnn_jax.models.mask_rcnn import abstract_variables
 
     if expected is None:
         expected = abstract_variables(cfg)
@@ -242,15 +248,3 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ml_collections.ConfigD
     if problems:
         raise StateDictError('state_dict does not match the model:\n  ' + '\n  '.join(problems))
     return flax.traverse_util.unflatten_dict(flat)
-
-
-def abstract_variables(cfg: ml_collections.ConfigDict, canvas: tuple[int, int] = (64, 64)):
-    """ShapeDtypeStructs of the variables of build_model(cfg), without running init."""
-    import jax
-    import jax.numpy as jnp
-    from mrcnn_jax.models.mask_rcnn import build_model
-
-    model = build_model(cfg)
-    images = jnp.zeros((1, canvas[0], canvas[1], 3), jnp.float32)
-    info = jnp.asarray([[canvas[0], canvas[1], canvas[0], canvas[1], 1.0, 1.0]], jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, info))

@@ -37,7 +37,9 @@ def _to_tfrecord(args) -> int:
 
 def _show(args) -> int:
     from mrcnn_jax.data import drawing, pipeline
+    from mrcnn_jax.models.conventions import Conventions
     config = load_config(args.config, args.set)
+    conventions = Conventions.from_config(config.model.conventions)
     os.makedirs(args.out, exist_ok=True)
     global_batch = args.batch_size or min(int(config.train.batch_size if args.split == 'train'
                                               else config.eval.batch_size), args.num)
@@ -48,7 +50,7 @@ def _show(args) -> int:
         for i in range(batch['images'].shape[0]):
             if written >= args.num:
                 break
-            image = drawing.draw_element(batch, i, ds.metadata, config.data)
+            image = drawing.draw_element(batch, i, ds.metadata, conventions)
             path = os.path.join(args.out, f'{args.split}_step{step:03d}_{i:02d}_id'
                                           f"{int(batch['image_id'][i])}.png")
             image.save(path)

@@ -13,12 +13,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def unnormalize(images: np.ndarray, data_config) -> np.ndarray:
-    """[..., H, W, 3] float32 normalized (config channel order) → uint8 RGB."""
-    mean = np.asarray(data_config.pixel_mean, np.float32)
-    std = np.asarray(data_config.pixel_std, np.float32)
-    pixels = (images * std + mean) / float(data_config.pixel_scale)
-    if data_config.channel_order == 'BGR':
+def unnormalize(images: np.ndarray, conventions) -> np.ndarray:
+    """[..., H, W, 3] float32 normalized with the model's pixel format (a `Conventions`) → uint8 RGB."""
+    mean = np.asarray(conventions.pixel_mean, np.float32)
+    std = np.asarray(conventions.pixel_std, np.float32)
+    pixels = (images * std + mean) / float(conventions.pixel_scale)
+    if conventions.channel_order == 'BGR':
         pixels = pixels[..., ::-1]
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
@@ -28,9 +28,10 @@ def _colour(index: int) -> tuple[int, int, int]:
     return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.85, 1.0))
 
 
-def draw_element(batch: dict, i: int, metadata: dict, data_config) -> Image.Image:
-    """Element i of a batch (pipeline output) → RGB PIL image of the canvas with its GT drawn."""
-    pixels = unnormalize(batch['images'][i], data_config)
+def draw_element(batch: dict, i: int, metadata: dict, conventions) -> Image.Image:
+    """Element i of a batch (pipeline output) → RGB PIL image of the canvas with its GT drawn;
+    conventions: the model's `Conventions` (its pixel format undoes the normalization)."""
+    pixels = unnormalize(batch['images'][i], conventions)
     canvas = Image.fromarray(pixels).convert('RGBA')
     overlay = Image.new('RGBA', canvas.size, (0, 0, 0, 0))
     names = metadata.get('category_names', [])

@@ -1,11 +1,12 @@
 """Per-example TensorFlow ops: parsed example (variable size) → one fixed-shape batch element.
 
-    decode → keep the N largest instances → horizontal flip → resize (torchvision or Detectron2
-    rule, fitted into the canvas) → normalize → pad to the canvas at the top-left → GT padded to N,
+    decode → keep the N largest instances → horizontal flip → resize (the model conventions' rule,
+    fitted into the canvas) → normalize → pad to the canvas at the top-left → GT padded to N,
     masks sampled at M×M cell centres of each box from the full-resolution mask.
 
 The output element (N = max_instances, M = mask_size, K = num_keypoints, H×W = canvas):
-    images      [H, W, 3] float32  (pixel * pixel_scale - mean) / std, config channel order; the
+    images      [H, W, 3] float32  (pixel * pixel_scale - mean) / std in the conventions' channel
+                                   order (model.conventions: pixel format); the
                                    resized image at the top-left, 0 elsewhere (torchvision pads
                                    after normalizing)
     image_info  [6] float32        original_h, original_w, resized_h, resized_w, scale_h, scale_w
@@ -41,7 +42,7 @@ class PreprocessOptions:
     train: bool                        # random flip and scale choice; eval: min_sizes[-1], no flip
     min_sizes: tuple[int, ...]
     max_size: int
-    resize_rule: str                   # 'torchvision' (floor) | 'detectron2' (round)
+    resize_rule: str                   # 'floor' (torchvision) | 'round' (Detectron2)
     antialias: bool
     flip_prob: float
     channel_order: str                 # 'RGB' | 'BGR'
@@ -56,8 +57,9 @@ class PreprocessOptions:
     class_table: tuple[int, ...]       # category id → class index (0: not a class)
 
     @classmethod
-    def from_config(cls, data, metadata: dict, *, train: bool, with_masks: bool,
+    def from_config(cls, data, metadata: dict, *, conventions, train: bool, with_masks: bool,
                     with_keypoints: bool) -> 'PreprocessOptions':
+        """From a config's data section and the model's `Conventions` (resize rule, pixel format)."""
         min_sizes = tuple(int(s) for s in (data.min_size if isinstance(data.min_size, Sequence)
                                            else (data.min_size,)))
         if data.class_index == 'contiguous':
@@ -72,10 +74,10 @@ class PreprocessOptions:
                              f'{data.class_index!r}')
         return cls(
             train=train, min_sizes=min_sizes, max_size=int(data.max_size),
-            resize_rule=data.resize_rule, antialias=bool(data.resize_antialias),
-            flip_prob=float(data.flip_prob) if train else 0.0, channel_order=data.channel_order,
-            pixel_scale=float(data.pixel_scale), pixel_mean=tuple(map(float, data.pixel_mean)),
-            pixel_std=tuple(map(float, data.pixel_std)), max_instances=int(data.max_instances),
+            resize_rule=conventions.resize_rule, antialias=bool(conventions.resize_antialias),
+            flip_prob=float(data.flip_prob) if train else 0.0, channel_order=conventions.channel_order,
+            pixel_scale=float(conventions.pixel_scale), pixel_mean=tuple(conventions.pixel_mean),
+            pixel_std=tuple(conventions.pixel_std), max_instances=int(data.max_instances),
             mask_size=int(data.mask_size), with_masks=with_masks,
             num_keypoints=len(metadata['keypoint_names']) if with_keypoints else 0,
             keypoint_flip_map=tuple(metadata['keypoint_flip_map']) if with_keypoints else (),
@@ -85,9 +87,9 @@ class PreprocessOptions:
 def resized_size(height, width, min_size, max_size: int, canvas_hw, rule: str):
     """Resized (h, w) int32 of a height×width image (scalars, any int/float dtype).
 
-    torchvision (`GeneralizedRCNNTransform.resize`): scale = min(min_size / short, max_size / long)
+    'floor', torchvision (`GeneralizedRCNNTransform.resize`): scale = min(min_size / short, max_size / long)
     in float64, size = floor(side * scale), as `F.interpolate(scale_factor=scale,
-    recompute_scale_factor=True)` computes it. Detectron2 (`ResizeShortestEdge`): the short side
+    recompute_scale_factor=True)` computes it. 'round', Detectron2 (`ResizeShortestEdge`): the short side
     becomes min_size, both sides shrink if the long one exceeds max_size, then int(x + 0.5).
     Ours, for static shapes: if the result does not fit the canvas, the scale shrinks further so
     that it does (only when the canvas is smaller than max_size allows; identical otherwise).
@@ -98,11 +100,11 @@ def resized_size(height, width, min_size, max_size: int, canvas_hw, rule: str):
     cw = tf.cast(canvas_hw[1], tf.float64)
     size = tf.cast(min_size, tf.float64)
     max_size = tf.constant(float(max_size), tf.float64)
-    if rule == 'torchvision':
+    if rule == 'floor':
         scale = tf.minimum(size / tf.minimum(h, w), max_size / tf.maximum(h, w))
         scale = tf.minimum(scale, tf.minimum(ch / h, cw / w))
         new_h, new_w = tf.floor(h * scale), tf.floor(w * scale)
-    elif rule == 'detectron2':
+    elif rule == 'round':
         s = size / tf.minimum(h, w)
         new_h = tf.where(h < w, size, s * h)
         new_w = tf.where(h < w, s * w, size)
@@ -113,7 +115,7 @@ def resized_size(height, width, min_size, max_size: int, canvas_hw, rule: str):
         new_h, new_w = new_h * shrink * fit, new_w * shrink * fit
         new_h, new_w = tf.floor(new_h + 0.5), tf.floor(new_w + 0.5)   # int(x + 0.5)
     else:
-        raise ValueError(f"resize_rule must be 'torchvision' or 'detectron2', got {rule!r}")
+        raise ValueError(f"resize_rule must be 'floor' or 'round', got {rule!r}")
     new_h = tf.clip_by_value(new_h, 1.0, ch)
     new_w = tf.clip_by_value(new_w, 1.0, cw)
     return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)

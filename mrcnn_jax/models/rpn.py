@@ -1,7 +1,9 @@
-"""Region Proposal Network: the head (a module) and proposal selection (a pure function)."""
+"""Region Proposal Network: anchors and proposal settings (frozen dataclasses), the head (a
+module) and proposal selection (a pure function)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -9,8 +11,55 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.models.layers import PaddingMask, conv
+from mrcnn_jax.ops import anchors as anchor_ops
 from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.nms import nms
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorGenerator:
+    """One anchor size per feature level (finest first, level `first_level`), every aspect ratio
+    (h / w) at each cell; the rounding and stride rules come from the conventions
+    (`ops/anchors.py` explains both references)."""
+    sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rounded: bool = True                   # conventions.anchor_rounding
+    stride_rule: str = 'padded'            # conventions.anchor_strides
+    first_level: int = 2                   # P2 (stride 4)
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per cell."""
+        return len(self.aspect_ratios)
+
+    def __call__(self, grid_shapes: Sequence[tuple[int, int]], pad_hw: Optional[jnp.ndarray]):
+        """Per level anchors [B or 1, N_l, 4] and validity [B or 1, N_l] on static grids.
+
+        pad_hw: [B, 2] int32 padded size of each image, or None for the whole canvas."""
+        out_a, out_v = [], []
+        for i, (grid, size) in enumerate(zip(grid_shapes, self.sizes)):
+            base = anchor_ops.cell_anchors(size, self.aspect_ratios, rounded=self.rounded)
+            a, v = anchor_ops.level_anchors(tuple(grid), base, self.first_level + i, pad_hw, self.stride_rule)
+            out_a.append(a)
+            out_v.append(v)
+        return out_a, out_v
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNSettings:
+    """Proposal selection (`select_proposals`): top-k per level before NMS, per image after."""
+    pre_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 2000
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 1e-3
+
+    def topk(self, train: bool) -> tuple[int, int]:
+        """(pre_nms_topk, post_nms_topk) for training or inference."""
+        if train:
+            return self.pre_nms_topk_train, self.post_nms_topk_train
+        return self.pre_nms_topk_test, self.post_nms_topk_test
 
 _RPN_INIT = nn.initializers.normal(0.01)   # torchvision RPNHead: normal(std=0.01), bias 0
 

@@ -1,10 +1,11 @@
-"""Anchors for a static canvas, with torchvision or Detectron2 semantics.
+"""Anchors for a static canvas, with torchvision's or Detectron2's rules (chosen by the caller
+from `models/conventions.py`: `rounded` and `stride_rule`).
 
 Ordering (both references): for each level, anchors are laid out (y, x, a) row-major, the
 anchor index `a` running over aspect ratios (0.5, 1, 2 by default) fastest. This matches an
 NHWC conv output `[B, H, W, A * 4]` reshaped to `[B, H * W * A, 4]`.
 
-torchvision (`AnchorGenerator`):
+torchvision (`AnchorGenerator`; rounded=True, stride_rule='padded'):
   * cell anchors are `round([-w, -h, w, h] / 2)` with h = size * sqrt(ar), w = size / sqrt(ar);
   * the stride of a level is `padded_size // feature_size`, where padded_size is the size of the
     batch tensor torchvision built (the image padded up to a multiple of 32). For P2..P5 that is
@@ -14,7 +15,7 @@ torchvision (`AnchorGenerator`):
     `pad_hw` so one compiled program serves every image of a canvas bucket;
   * anchors exist only inside torchvision's padded tensor; cells of our larger static canvas
     beyond it are marked invalid (they would produce proposals torchvision never makes).
-Detectron2 (`DefaultAnchorGenerator`, offset 0.0): cell anchors are exact (not rounded),
+Detectron2 (`DefaultAnchorGenerator`, offset 0.0; rounded=False, stride_rule='nominal'): cell anchors are exact (not rounded),
 w = sqrt(size^2 / ar), h = ar * w, and strides are the nominal 4, 8, 16, 32, 64.
 """
 
@@ -26,10 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def cell_anchors(size: float, aspect_ratios: Sequence[float], semantics: str = 'torchvision') -> np.ndarray:
-    """Zero-centred anchors of one level. Returns [A, 4] float32 xyxy, A = len(aspect_ratios)."""
+def cell_anchors(size: float, aspect_ratios: Sequence[float], rounded: bool = True) -> np.ndarray:
+    """Zero-centred anchors of one level. Returns [A, 4] float32 xyxy, A = len(aspect_ratios).
+
+    rounded: torchvision's (float32 arithmetic, then rounded to integers); False: Detectron2's
+    exact anchors (float64 arithmetic, then float32)."""
     ar = np.asarray(aspect_ratios, np.float32)
-    if semantics == 'torchvision':
+    if rounded:
         # Computed in float32 like torch, then rounded (half to even, as torch.round).
         h_ratios = np.sqrt(ar)
         w_ratios = np.float32(1) / h_ratios
@@ -37,15 +41,13 @@ def cell_anchors(size: float, aspect_ratios: Sequence[float], semantics: str = '
         hs = h_ratios * np.float32(size)
         base = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)
         return np.round(base).astype(np.float32)
-    if semantics == 'detectron2':
-        area = float(size) ** 2
-        out = []
-        for a in aspect_ratios:
-            w = np.sqrt(area / a)
-            h = a * w
-            out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
-        return np.asarray(out, np.float32)
-    raise ValueError(f'unknown anchor semantics {semantics!r}')
+    area = float(size) ** 2
+    out = []
+    for a in aspect_ratios:
+        w = np.sqrt(area / a)
+        h = a * w
+        out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return np.asarray(out, np.float32)
 
 
 def level_grid_size(padded: jnp.ndarray, level: int) -> jnp.ndarray:
@@ -65,13 +67,14 @@ def level_anchors(
     base: np.ndarray,
     level: int,
     pad_hw: jnp.ndarray | None,
-    semantics: str = 'torchvision',
+    stride_rule: str = 'padded',
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Anchors of one level on a static grid, per image.
 
     grid_hw: static (H_l, W_l) of the canvas's feature map; base: [A, 4] cell anchors;
     pad_hw: [B, 2] int32 padded (size_divisible) size of each image, or None for "the whole
     canvas" (fixed nominal strides, all valid).
+    stride_rule: 'padded' (torchvision: padded size // cells) or 'nominal' (Detectron2: 2^level).
     Returns anchors [B or 1, H_l * W_l * A, 4] float32 and valid [B or 1, H_l * W_l * A] bool.
     """
     gh, gw = grid_hw
@@ -85,10 +88,12 @@ def level_anchors(
     else:
         pad_hw = pad_hw.astype(jnp.int32)
         cells = level_grid_size(pad_hw, level)                     # [B, 2]
-        if semantics == 'torchvision':
+        if stride_rule == 'padded':
             stride = pad_hw // jnp.maximum(cells, 1)               # the P6 quirk lives here
-        else:
+        elif stride_rule == 'nominal':
             stride = jnp.broadcast_to(jnp.int32(nominal), pad_hw.shape)
+        else:
+            raise ValueError(f"stride_rule must be 'padded' or 'nominal', got {stride_rule!r}")
     # Shifts are integer cell index * integer stride (exact), then offset by float32 base anchors.
     sy = (iy[None, :] * stride[:, 0:1]).astype(jnp.float32)      # [B, H]
     sx = (ix[None, :] * stride[:, 1:2]).astype(jnp.float32)      # [B, W]

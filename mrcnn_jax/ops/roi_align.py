@@ -291,21 +291,27 @@ def roi_align(features: jnp.ndarray, boxes: jnp.ndarray, output_size: int | tupl
 
 
 def box_levels(boxes: jnp.ndarray, k_min: int, k_max: int, canonical_scale: float = 224,
-               canonical_level: int = 4, eps: float = 1e-6) -> jnp.ndarray:
-    """FPN level index of each box, as torchvision's LevelMapper (FPN paper, eq. 1).
+               canonical_level: int = 4, eps: float = 1e-6, eps_in_log: bool = False) -> jnp.ndarray:
+    """FPN level index of each box (FPN paper, eq. 1), as torchvision's LevelMapper or, with
+    eps_in_log, Detectron2's `assign_boxes_to_levels`.
 
     boxes: [..., 4] float xyxy in image pixels. Returns [...] int32 level index in
     [0, k_max - k_min] (0 = finest level k_min):
-        k = clamp(floor(k0 + log2(sqrt(area) / s0) + eps), k_min, k_max) - k_min,
-    evaluated in the boxes' dtype in torchvision's order. A zero-area box gets -inf -> k_min;
-    a negative-area (inverted) box gets nan in torchvision (undefined level); here k_min.
+        torchvision:  k = clamp(floor(k0 + log2(sqrt(area) / s0) + eps), k_min, k_max) - k_min,
+        Detectron2:   k = clamp(floor(k0 + log2(sqrt(area) / s0 + eps)), k_min, k_max) - k_min,
+    evaluated in the boxes' dtype in the reference's order. A zero-area box gets -inf (or
+    log2(eps)) -> k_min; a negative-area (inverted) box gets nan in the references (undefined
+    level); here k_min.
     """
     boxes = jnp.asarray(boxes)
     dtype = boxes.dtype
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     s = jnp.sqrt(area)
-    k = jnp.floor(jnp.asarray(canonical_level, dtype) + jnp.log2(_ieee_divide(s, canonical_scale))
-                  + jnp.asarray(eps, dtype))
+    ratio = _ieee_divide(s, canonical_scale)
+    if eps_in_log:
+        k = jnp.floor(jnp.asarray(canonical_level, dtype) + jnp.log2(ratio + jnp.asarray(eps, dtype)))
+    else:
+        k = jnp.floor(jnp.asarray(canonical_level, dtype) + jnp.log2(ratio) + jnp.asarray(eps, dtype))
     k = jnp.where(jnp.isnan(k), float(k_min), jnp.clip(k, float(k_min), float(k_max)))
     return (k.astype(jnp.int32) - int(k_min)).astype(jnp.int32)
 
@@ -313,7 +319,7 @@ def box_levels(boxes: jnp.ndarray, k_min: int, k_max: int, canonical_scale: floa
 def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
                          output_size: int | tuple[int, int], sampling_ratio: int, aligned: bool, *,
                          scales: Sequence[float], canonical_scale: float = 224,
-                         canonical_level: int = 4, level_eps: float = 1e-6,
+                         canonical_level: int = 4, level_eps: float = 1e-6, level_eps_in_log: bool = False,
                          valid_hw: Sequence[jnp.ndarray] | None = None, max_sampling_ratio: int = 8,
                          method: str = 'gather', rois_per_step: int | None = -1) -> jnp.ndarray:
     """Multi-level RoIAlign: each box is pooled from one FPN level (torchvision MultiScaleRoIAlign).
@@ -326,9 +332,9 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
         `roi_align` (torchvision's MultiScaleRoIAlign uses aligned=False).
       scales: per-level spatial scales, powers of 2. torchvision infers them from the feature and
         image sizes (2 ** round(log2(feature / image))); here they are given.
-      canonical_scale, canonical_level, level_eps: LevelMapper's s0, k0, eps; the level is
-        `box_levels(boxes, k_min, k_max, ...)` with k_min = -log2(scales[0]),
-        k_max = -log2(scales[-1]).
+      canonical_scale, canonical_level, level_eps, level_eps_in_log: LevelMapper's s0, k0, eps
+        and where eps goes; the level is `box_levels(boxes, k_min, k_max, ...)` with
+        k_min = -log2(scales[0]), k_max = -log2(scales[-1]).
       valid_hw: optional list over levels of [B, 2] int (valid height, width of each level).
 
     Returns:
@@ -349,7 +355,8 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray,
     k_min = int(round(-math.log2(scales[0])))
     k_max = int(round(-math.log2(scales[-1])))
     # [B, R]; computed once so that the scale, offset and size lookups agree (see _materialize).
-    level = _materialize(box_levels(boxes, k_min, k_max, canonical_scale, canonical_level, level_eps))
+    level = _materialize(box_levels(boxes, k_min, k_max, canonical_scale, canonical_level, level_eps,
+                                    level_eps_in_log))
 
     hs = [f.shape[1] for f in features]
     ws = [f.shape[2] for f in features]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from mrcnn_jax.models import mask_rcnn
 from mrcnn_jax.models.mask_rcnn import build_model
 from mrcnn_jax.training import losses, optimizer
 from mrcnn_jax.training import train_step as ts
@@ -77,15 +78,12 @@ def sync_processes(name: str, timeout_s: int = 1800) -> None:
 
 
 def init_variables(model, cfg: ml_collections.ConfigDict, key: jax.Array) -> dict:
-    """Random variables for the config's model (jit-compiled init: much faster than eager)."""
-    h, w = _canvas(cfg)
-    images = jnp.zeros((1, h, w, 3), jnp.float32)
-    info = jnp.asarray([[h, w, h, w, 1.0, 1.0]], jnp.float32)
-    return jax.jit(model.init)(key, images, info)
+    """Random variables for the config's model, initialized on its training canvas."""
+    return mask_rcnn.init_variables(model, key, _canvas(cfg))
 
 
 def _canvas(cfg) -> tuple[int, int]:
-    buckets = tuple(cfg.data.get('buckets', ()) or ())
+    buckets = tuple(cfg.data.buckets)
     return tuple(buckets[0]) if buckets else tuple(cfg.data.canvas)
 
 
@@ -136,7 +134,7 @@ class TrainLoop:
         if cfg.train.batch_size % n_dev:
             raise ValueError(f'train.batch_size={cfg.train.batch_size} must be a multiple of the '
                              f'{n_dev} devices')
-        self.loss_fn = losses.make_loss_fn(self.model, cfg.model)
+        self.loss_fn = losses.make_loss_fn(self.model, losses.LossSettings.from_config(cfg.model))
 
     def build_state(self, key: jax.Array) -> tuple[ts.TrainState, Any]:
         variables = init_variables(self.model, self.cfg, key)
@@ -157,7 +155,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
     evaluate_fn(variables, step) -> dict: periodic evaluation (default: COCO eval of the val split
     when one is configured). on_metrics(step, metrics): a callback (tests, notebooks).
     """
-    if cfg.get('distributed', False):
+    if cfg.distributed:
         initialize_distributed()
     t = cfg.train
     loop = TrainLoop(cfg, workdir)
@@ -184,7 +182,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
                f'{loop.mesh.devices.size} device(s) ({jax.devices()[0].platform})')
     if evaluate_fn is None and t.eval_every and (cfg.data.val_annotations or cfg.data.source == 'synthetic'):
         from mrcnn_jax.evaluation.inference import make_evaluate_fn
-        evaluate_fn = make_evaluate_fn(cfg, loop.model, loop.mesh)
+        evaluate_fn = make_evaluate_fn(cfg, loop.mesh if jax.process_count() == 1 else None)
 
     writer = _summary_writer(loop.workdir)
     schedule = optimizer.learning_rate_schedule(t)
@@ -226,7 +224,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, dataset=None, evaluate_fn:
         if done == kill_after:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
-        if t.get('max_seconds', 0) and time.time() - t_begin > t.max_seconds and done < t.steps:
+        if t.max_seconds and time.time() - t_begin > t.max_seconds and done < t.steps:
             _print(f'time budget of {t.max_seconds:.0f} s reached at step {done}/{t.steps}: saving; '
                    f'run the same command again to continue')
             break

@@ -1,21 +1,25 @@
-"""Mask R-CNN losses (torchvision semantics, Detectron2's L1 variants by config) and the loss function.
+"""Mask R-CNN losses and the loss function.
 
 ```python
-loss_fn = make_loss_fn(model, cfg.model)
+loss_fn = make_loss_fn(model, LossSettings.from_config(cfg.model))
 total, aux = loss_fn(variables, batch, key)      # pure; jit / grad / shard as you like
 ```
-Normalization as torchvision (sums over the whole global batch, so data-parallel sharding does
-not change the numbers):
+The loss function calls the model's stages (`features`, `proposals`, `box_predictions`,
+`mask_predictions`), then the targets (training/targets.py) and the loss terms below, with the
+thresholds, sample sizes and loss forms it is given (`LossSettings`). Normalization as torchvision
+(sums over the whole global batch, so data-parallel sharding does not change the numbers):
   * RPN objectness: BCE averaged over all sampled anchors; RPN box: smooth L1 (beta 1/9) summed
-    over positive anchors / number of sampled anchors;
+    over positive anchors / number of sampled anchors (Detectron2: both divided by
+    batch_size_per_image x images, `normalizer='nominal'`);
   * box head: cross entropy averaged over sampled RoIs; box: smooth L1 (beta 1/9) of the GT
     class's deltas summed over positives / number of sampled RoIs;
   * mask: per-pixel BCE of the GT class's logits averaged over positive RoIs x 28 x 28.
-`loss_type='l1'` uses L1 (Detectron2's default `smooth_l1_beta=0`) with the same normalizers.
+Detectron2's forms (L1, i.e. smooth L1 with beta 0, hard mask targets) come from its conventions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -23,8 +27,52 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mrcnn_jax.models.rpn import select_proposals
+from mrcnn_jax.models.conventions import Conventions
 from mrcnn_jax.training import targets as tgt
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Matching thresholds and balanced sampling of one stage (RPN anchors or RoIs)."""
+    fg_iou_thresh: float
+    bg_iou_thresh: float
+    batch_size_per_image: int
+    positive_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionLoss:
+    """Box regression loss: 'smooth_l1' with `beta` (0 is L1) or 'l1'."""
+    kind: str = 'smooth_l1'
+    beta: float = 1.0 / 9.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """Everything the loss function needs besides the model: targets and loss forms."""
+    rpn: Sampling = Sampling(0.7, 0.3, 256, 0.5)
+    roi: Sampling = Sampling(0.5, 0.5, 512, 0.25)
+    rpn_box_loss: RegressionLoss = RegressionLoss()
+    box_loss: RegressionLoss = RegressionLoss()
+    rpn_normalizer: str = 'sampled'        # or 'nominal' (Detectron2)
+    box_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    max_mask_rois: int = 128               # positives per image carried to the mask loss
+    mask_resolution: int = 28
+    soft_mask_targets: bool = True         # torchvision: RoIAlign of the 0/1 mask; Detectron2: >= 0.5
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> 'LossSettings':
+        """From a `config.model` section and its conventions."""
+        conv = Conventions.from_config(cfg.conventions)
+        rp, r = cfg.rpn, cfg.roi
+        return cls(
+            rpn=Sampling(rp.fg_iou_thresh, rp.bg_iou_thresh, rp.batch_size_per_image, rp.positive_fraction),
+            roi=Sampling(r.fg_iou_thresh, r.bg_iou_thresh, r.batch_size_per_image, r.positive_fraction),
+            rpn_box_loss=RegressionLoss(conv.rpn_loss_type, conv.rpn_smooth_l1_beta),
+            box_loss=RegressionLoss(conv.box_loss_type, conv.box_smooth_l1_beta),
+            rpn_normalizer=conv.rpn_loss_normalizer, box_weights=tuple(r.box_weights),
+            max_mask_rois=r.max_mask_rois, mask_resolution=r.mask_resolution,
+            soft_mask_targets=conv.mask_targets == 'soft')
 
 
 def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
@@ -42,11 +90,20 @@ def _reg_loss(x, loss_type: str, beta: float):
 
 
 def rpn_losses(objectness: jnp.ndarray, deltas: jnp.ndarray, t: tgt.AnchorTargets, *,
-               loss_type: str = 'smooth_l1', beta: float = 1 / 9) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """objectness [B, A] logits, deltas [B, A, 4]; t batched [B, S]. Returns (objectness, box) losses."""
+               loss_type: str = 'smooth_l1', beta: float = 1 / 9,
+               normalizer: str = 'sampled') -> tuple[jnp.ndarray, jnp.ndarray]:
+    """objectness [B, A] logits, deltas [B, A, 4]; t batched [B, S]. Returns (objectness, box) losses.
+
+    normalizer: 'sampled' divides both sums by the anchors sampled (torchvision), 'nominal' by
+    S x B, the sample size asked for (Detectron2's batch_size_per_image x images)."""
     logit = jnp.take_along_axis(objectness, t.indices, axis=1)
     pred = jnp.take_along_axis(deltas, t.indices[..., None], axis=1)
-    n = jnp.maximum(jnp.sum(t.weights), 1.0)
+    if normalizer == 'sampled':
+        n = jnp.maximum(jnp.sum(t.weights), 1.0)
+    elif normalizer == 'nominal':
+        n = float(t.weights.size)
+    else:
+        raise ValueError(f"unknown RPN loss normalizer {normalizer!r}: 'sampled' or 'nominal'")
     bce = optax.sigmoid_binary_cross_entropy(logit, t.labels)
     obj = jnp.sum(bce * t.weights) / n
     reg = _reg_loss(pred - t.box_targets, loss_type, beta).sum(-1)
@@ -72,8 +129,7 @@ def mask_head_loss(mask_logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.
     return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDict, *,
-                   with_targets: bool = False):
+def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, with_targets: bool = False):
     """Runs inside model.apply (m is the bound MaskRCNN). Returns (losses dict, aux dict).
 
     with_targets: aux also holds 'targets' (for tests and debugging): 'anchors' AnchorTargets and
@@ -83,7 +139,7 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
     """
     images, info = batch['images'], batch['image_info']
     b = images.shape[0]
-    rp, r = cfg.rpn, cfg.roi
+    rs, ss = settings.rpn, settings.roi
     gt_boxes = batch['gt_boxes'].astype(jnp.float32)
     gt_ok = tgt.usable_gt(gt_boxes, batch['gt_valid'], batch['gt_is_crowd'])
     k_anchor, k_roi = jax.random.split(key)
@@ -91,31 +147,28 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
     keys_roi = jax.random.split(k_roi, b)
 
     feats = m.features(images, info)
-    logits, deltas = m.rpn(feats, info)
-    anchors, anchor_ok = m.anchors(feats, info)
-    proposals, proposal_scores, proposal_ok = select_proposals(
-        logits, deltas, anchors, anchor_ok, m.image_hw(info), pre_nms_topk=m.rpn_pre_nms_topk_train,
-        post_nms_topk=m.rpn_post_nms_topk_train, nms_thresh=m.rpn_nms_thresh, min_size=m.rpn_min_size)
+    proposals, proposal_scores, proposal_ok, (logits, deltas, anchors, anchor_ok) = m.proposals(
+        feats, info, train=True)
 
     all_logits = jnp.concatenate(logits, axis=1)
     all_deltas = jnp.concatenate(deltas, axis=1)
     all_anchors = jnp.broadcast_to(jnp.concatenate(anchors, axis=1), (b,) + all_deltas.shape[1:])
     all_ok = jnp.broadcast_to(jnp.concatenate(anchor_ok, axis=1), all_logits.shape)
     at = jax.vmap(lambda k, a, ok, g, gok: tgt.anchor_targets(
-        k, a, ok, g, gok, fg_thresh=rp.fg_iou_thresh, bg_thresh=rp.bg_iou_thresh,
-        num=rp.batch_size_per_image, positive_fraction=rp.positive_fraction))(
+        k, a, ok, g, gok, fg_thresh=rs.fg_iou_thresh, bg_thresh=rs.bg_iou_thresh,
+        num=rs.batch_size_per_image, positive_fraction=rs.positive_fraction))(
             keys_anchor, all_anchors, all_ok, gt_boxes, gt_ok)
-    loss_obj, loss_rpn_box = rpn_losses(all_logits, all_deltas, at, loss_type=rp.loss_type,
-                                        beta=rp.smooth_l1_beta)
+    loss_obj, loss_rpn_box = rpn_losses(all_logits, all_deltas, at, loss_type=settings.rpn_box_loss.kind,
+                                        beta=settings.rpn_box_loss.beta, normalizer=settings.rpn_normalizer)
 
     rt = jax.vmap(lambda k, p, pok, g, c, gok: tgt.roi_targets(
-        k, p, pok, g, c, gok, fg_thresh=r.fg_iou_thresh, bg_thresh=r.bg_iou_thresh,
-        num=r.batch_size_per_image, positive_fraction=r.positive_fraction,
-        box_weights=tuple(r.box_weights)))(
+        k, p, pok, g, c, gok, fg_thresh=ss.fg_iou_thresh, bg_thresh=ss.bg_iou_thresh,
+        num=ss.batch_size_per_image, positive_fraction=ss.positive_fraction,
+        box_weights=settings.box_weights))(
             keys_roi, proposals, proposal_ok, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok)
     class_logits, box_deltas = m.box_predictions(feats, rt.rois, info)
-    loss_cls, loss_box = box_head_losses(class_logits, box_deltas, rt, loss_type=r.box_loss_type,
-                                         beta=r.smooth_l1_beta)
+    loss_cls, loss_box = box_head_losses(class_logits, box_deltas, rt, loss_type=settings.box_loss.kind,
+                                         beta=settings.box_loss.beta)
     losses = {'loss_objectness': loss_obj, 'loss_rpn_box_reg': loss_rpn_box,
               'loss_classifier': loss_cls, 'loss_box_reg': loss_box}
     aux = {'num_pos_anchors': jnp.sum(at.labels * at.weights) / b,
@@ -124,7 +177,7 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
 
     if m.mask_head is not None:
         # Positives occupy the first slots of the sample; the mask head sees up to max_mask_rois.
-        k = min(r.max_mask_rois, rt.rois.shape[1])
+        k = min(settings.max_mask_rois, rt.rois.shape[1])
         mrois = rt.rois[:, :k]
         mlabels = rt.labels[:, :k]
         mweights = ((mlabels > 0) * rt.weights[:, :k]).astype(jnp.float32)
@@ -132,7 +185,7 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
         gt_b = jnp.take_along_axis(gt_boxes, mgt[..., None], axis=1)
         gt_m = jnp.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
         mt = jax.vmap(lambda ro, gb, gm: tgt.mask_targets(
-            ro, gb, gm, r.mask_resolution, soft=r.soft_mask_targets))(mrois, gt_b, gt_m)
+            ro, gb, gm, settings.mask_resolution, soft=settings.soft_mask_targets))(mrois, gt_b, gt_m)
         mask_logits = m.mask_predictions(feats, mrois, mlabels, info, active=mweights > 0, train=True)
         losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
     if with_targets:
@@ -143,14 +196,18 @@ def _forward_train(m, batch: dict, key: jax.Array, cfg: ml_collections.ConfigDic
     return losses, aux
 
 
-def make_loss_fn(model, cfg_model: ml_collections.ConfigDict, *, with_targets: bool = False
-                 ) -> Callable[..., Any]:
+def make_loss_fn(model, settings: LossSettings, *, with_targets: bool = False) -> Callable[..., Any]:
     """(variables, batch, key) -> (total loss, {'losses': per-term dict, **aux}), pure.
 
+    settings: thresholds, sample sizes and loss forms (`LossSettings.from_config(cfg.model)`).
     with_targets: aux also carries the sampled targets (see `_forward_train`); for tests.
     """
+    if not isinstance(settings, LossSettings):
+        raise TypeError(f'make_loss_fn takes LossSettings (LossSettings.from_config(cfg.model)), '
+                        f'got {type(settings).__name__}')
+
     def loss_fn(variables, batch, key):
-        losses, aux = model.apply(variables, batch, key, cfg_model, with_targets=with_targets,
+        losses, aux = model.apply(variables, batch, key, settings, with_targets=with_targets,
                                   method=_forward_train)
         total = sum(losses.values())
         return total, {'losses': losses, **aux}

@@ -25,7 +25,7 @@ from mrcnn_jax import Predictor  # noqa: E402
 from mrcnn_jax.convert import torchvision as tv_convert  # noqa: E402
 from mrcnn_jax.convert.torchvision import StateDictError  # noqa: E402
 from mrcnn_jax.model_dir import CheckpointMismatchError, load_model_dir, save_model_dir  # noqa: E402
-from mrcnn_jax.models.mask_rcnn import MaskRCNN  # noqa: E402
+from mrcnn_jax.models.mask_rcnn import MaskRCNN, abstract_variables  # noqa: E402
 from tv_reference import build_torchvision_maskrcnn, state_dict_numpy  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def _convert(sd):
     cfg = tv_convert.model_config_from_state_dict(sd)
     key = cfg.to_json()
     if key not in _EXPECTED:
-        _EXPECTED[key] = tv_convert.abstract_variables(cfg)
+        _EXPECTED[key] = abstract_variables(cfg)
     return cfg, tv_convert.convert_state_dict(sd, cfg, _EXPECTED[key])
 
 
@@ -71,11 +71,12 @@ def test_recognises_architecture(r18):
     # OIHW -> HWIO; Linear [out, in] -> [in, out]; fc6 rows permuted from (c, y, x) to (y, x, c).
     np.testing.assert_array_equal(p['backbone']['conv1']['kernel'],
                                   sd['backbone.body.conv1.weight'].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(p['box_head']['cls_score']['kernel'], sd['roi_heads.box_predictor.cls_score.weight'].T)
+    r = p['roi_heads']
+    np.testing.assert_array_equal(r['box_predictor']['cls_score']['kernel'], sd['roi_heads.box_predictor.cls_score.weight'].T)
     fc6 = sd['roi_heads.box_head.fc6.weight']                      # [1024, 256 * 7 * 7]
     c, y, x = 17, 3, 5
-    np.testing.assert_array_equal(p['box_head']['fc6']['kernel'][(y * 7 + x) * 256 + c], fc6[:, c * 49 + y * 7 + x])
-    np.testing.assert_array_equal(p['mask_head']['conv5_mask_kernel'],
+    np.testing.assert_array_equal(r['box_head']['fc6']['kernel'][(y * 7 + x) * 256 + c], fc6[:, c * 49 + y * 7 + x])
+    np.testing.assert_array_equal(r['mask_head']['conv5_mask_kernel'],
                                   sd['roi_heads.mask_predictor.conv5_mask.weight'].transpose(2, 3, 0, 1))
     np.testing.assert_array_equal(variables['frozen']['backbone']['bn1']['running_var'], sd['backbone.body.bn1.running_var'])
 
@@ -215,7 +216,7 @@ def test_fasterrcnn_resnet50_fpn_recognised():
     p = Predictor.from_torchvision(sd)
     m = p.config.model
     assert (m.backbone.depth, m.backbone.groups, m.num_classes, m.mask_on) == (50, 1, 91, False)
-    assert p.model.mask_head is None and 'mask_head' not in p.variables['params']
+    assert p.model.mask_head is None and 'mask_head' not in p.variables['params']['roi_heads']
     np.testing.assert_array_equal(np.asarray(p.variables['params']['backbone']['layer4_2']['conv3']['kernel']),
                                   sd['backbone.body.layer4.2.conv3.weight'].numpy().transpose(2, 3, 1, 0))
     # COCO category ids, 91 slots.
@@ -240,8 +241,8 @@ def test_maskrcnn_with_other_num_classes(r18):
     model, sd, cfg, variables = r18
     p = Predictor.from_torchvision(sd, min_size=64, max_size=96)
     assert p.config.model.num_classes == 7 and p.config.model.mask_on
-    assert p.variables['params']['mask_head']['mask_fcn_logits_kernel'].shape == (256, 7)
-    assert p.variables['params']['box_head']['bbox_pred']['kernel'].shape == (1024, 28)
+    assert p.variables['params']['roi_heads']['mask_head']['mask_fcn_logits_kernel'].shape == (256, 7)
+    assert p.variables['params']['roi_heads']['box_predictor']['bbox_pred']['kernel'].shape == (1024, 28)
     assert list(p.label_ids) == list(range(7))
     assert p.config.data.test_min_size == 64 and p.config.data.test_max_size == 96
 
@@ -288,7 +289,7 @@ def test_model_dir_with_another_model_config(model_dir):
     with pytest.raises(CheckpointMismatchError) as e:
         load_model_dir(path, other)
     msg = str(e.value)
-    assert 'box_head/cls_score/kernel' in msg and '(1024, 7)' in msg and '(1024, 91)' in msg
+    assert 'roi_heads/box_predictor/cls_score/kernel' in msg and '(1024, 7)' in msg and '(1024, 91)' in msg
     other = p.config.copy_and_resolve_references()
     other.model.backbone.depth = 34
     with pytest.raises(CheckpointMismatchError) as e:
@@ -298,6 +299,43 @@ def test_model_dir_with_another_model_config(model_dir):
     other.model.mask_on = False
     with pytest.raises(CheckpointMismatchError, match='mask_head'):
         load_model_dir(path, other)
+
+
+def test_model_dir_of_the_flat_layout_is_migrated(model_dir, tmp_path):
+    """A model directory written before the model was grouped into stages (config keys
+    `model.semantics`, `data.resize_rule`, ..., heads at the top of the variables) loads into
+    the same config and variables."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    p, path = model_dir
+    saved = json.loads((path / 'config.json').read_text())
+    conv = saved['model'].pop('conventions')
+    assert conv['name'] == 'torchvision'
+    saved['model']['semantics'] = 'torchvision'
+    saved['model']['backbone']['stride_in_1x1'] = False
+    saved['model']['rpn'].update(loss_type='smooth_l1', smooth_l1_beta=1 / 9)
+    saved['model']['roi'].update(box_loss_type='smooth_l1', smooth_l1_beta=1 / 9, soft_mask_targets=True,
+                                 sampling_ratio=2)
+    for k in ('heads', 'box_head', 'box_predictor', 'mask_head'):
+        del saved['model']['roi'][k]
+    saved['data'].update(resize_rule='torchvision', resize_antialias=False, channel_order='RGB',
+                         pixel_scale=1 / 255, pixel_mean=[0.485, 0.456, 0.406], pixel_std=[0.229, 0.224, 0.225])
+    legacy = tmp_path / 'legacy'
+    legacy.mkdir()
+    (legacy / 'config.json').write_text(json.dumps(saved))
+    (legacy / 'metadata.json').write_text((path / 'metadata.json').read_text())
+    variables = jax.tree_util.tree_map(np.asarray, jax.device_get(p.variables))
+    roi = variables['params'].pop('roi_heads')
+    variables['params']['box_head'] = {**roi['box_head'], **roi['box_predictor']}
+    variables['params']['mask_head'] = roi['mask_head']
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(legacy / 'variables', variables)
+
+    cfg, migrated, _ = load_model_dir(legacy)
+    assert cfg.to_dict() == p.config.to_dict()
+    assert_same_variables(migrated, jax.device_get(p.variables))
 
 
 def test_not_a_model_dir(tmp_path):

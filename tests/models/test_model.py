@@ -1,6 +1,6 @@
 """The composed model: shapes and validity masks of every stage on the tiny config, Faster R-CNN
-without a mask branch, ResNet variants (eval_shape), frozen stages, bfloat16 compute, and a
-ResNeXt backbone converted from torchvision.
+without a mask branch, pluggable heads, bfloat16 compute, padding masks. (Backbones:
+test_resnet.py; the conventions: test_conventions.py.)
 
 Compilation dominates on CPU (running a tiny model eagerly compiles every op, which is slower
 still), so each test compiles one program: the tiny model is initialised once (jit, 64 px canvas)
@@ -10,19 +10,17 @@ filled in numpy from eval_shape's structure.
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import numpy as np
 import pytest
 
-import flax
 import jax
 import jax.numpy as jnp
 
+from model_helpers import flat, random_variables
 from mrcnn_jax.config import load_config
-from mrcnn_jax.models.mask_rcnn import MaskRCNN, build_model
-from mrcnn_jax.models.resnet import ResNet
+from mrcnn_jax.models.mask_rcnn import MaskRCNN, build_model, init_variables
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CANVAS = (128, 128)
@@ -46,29 +44,11 @@ def _images(seed=0, batch=2):
 
 
 def _init(model, key=0, canvas=(64, 64)):
-    """model.init, jitted, on a small canvas (the variables do not depend on the canvas).
+    """init_variables on a small canvas (the variables do not depend on the canvas).
 
     An 'unsafe_rbg' key: with the default threefry the compilation of ~100 initializers takes
     three times as long as the rest of the test."""
-    images = jnp.zeros((1,) + canvas + (3,), jnp.float32)
-    info = jnp.asarray([[canvas[0], canvas[1], canvas[0], canvas[1], 1, 1]], jnp.float32)
-    return jax.jit(lambda k: model.init(k, images, info))(jax.random.key(key, impl='unsafe_rbg'))
-
-
-def _random_variables(module, *args, seed=0, **kwargs):
-    """Random variables of the right structure without running init (eval_shape + numpy):
-    He-normal kernels, small biases, frozen-BN / GroupNorm statistics around (1, 0)."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = str(getattr(path[-1], 'key', path[-1]))
-        if name.endswith('kernel'):
-            return jnp.asarray(rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape), jnp.float32)
-        if name in ('weight', 'scale', 'running_var'):
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)   # biases, running means
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+    return init_variables(model, jax.random.key(key, impl='unsafe_rbg'), canvas)
 
 
 def _run_stages(model, variables, images, info):
@@ -107,22 +87,21 @@ def tiny():
     return cfg, model, variables, images, info, jax.tree_util.tree_map(np.asarray, res)
 
 
-def _flat(tree):
-    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
-
-
 def test_init_variables(tiny):
     cfg, model, variables, *_ = tiny
     assert set(variables) == {'params'}   # GroupNorm config: no frozen statistics
-    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'box_head', 'mask_head'}
-    for k, v in _flat(variables['params']).items():
+    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'roi_heads'}
+    assert set(variables['params']['roi_heads']) == {'box_head', 'box_predictor', 'mask_head'}
+    for k, v in flat(variables['params']).items():
         assert v.dtype == jnp.float32, k
     p = variables['params']
-    assert p['box_head']['cls_score']['kernel'].shape == (cfg.model.roi.fc_dim, 5)
-    assert p['box_head']['bbox_pred']['kernel'].shape == (cfg.model.roi.fc_dim, 20)
+    r = p['roi_heads']
+    assert set(r['box_head']) == {'fc6', 'fc7'}
+    assert r['box_predictor']['cls_score']['kernel'].shape == (cfg.model.roi.fc_dim, 5)
+    assert r['box_predictor']['bbox_pred']['kernel'].shape == (cfg.model.roi.fc_dim, 20)
     assert p['rpn_head']['cls_logits']['kernel'].shape == (1, 1, 32, 3)
-    assert p['mask_head']['mask_fcn_logits_kernel'].shape == (32, 5)
-    assert 'mask_fcn2' in p['mask_head'] and 'mask_fcn3' not in p['mask_head']
+    assert r['mask_head']['mask_fcn_logits_kernel'].shape == (32, 5)
+    assert 'mask_fcn2' in r['mask_head'] and 'mask_fcn3' not in r['mask_head']
     # The same structure whatever the canvas (the Predictor relies on it).
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((2, 96, 160, 3), jnp.float32),
                             jax.ShapeDtypeStruct((2, 6), jnp.float32))
@@ -211,7 +190,7 @@ def test_mask_head_skips_chunks_without_active_rois(tiny):
 
     def masks(m, act):
         return m.apply(variables, feats, rois, labels, info, act, method=MaskRCNN.mask_predictions)
-    whole = model.clone(mask_roi_chunk=0)
+    whole = model.clone(roi_heads=model.roi_heads.clone(mask_roi_chunk=0))
     chunked, ref = jax.jit(lambda a: (masks(model, a), masks(whole, None)))(active)
     chunked, ref = np.asarray(chunked), np.asarray(ref)
     ran = np.zeros(D, bool)
@@ -232,97 +211,10 @@ def test_faster_rcnn_has_no_mask_branch():
     images = jax.ShapeDtypeStruct((1,) + CANVAS + (3,), jnp.float32)
     info = jax.ShapeDtypeStruct((1, 6), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, info)
-    assert 'mask_head' not in variables['params']
-    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'box_head'}
+    assert set(variables['params']) == {'backbone', 'fpn', 'rpn_head', 'roi_heads'}
+    assert set(variables['params']['roi_heads']) == {'box_head', 'box_predictor'}
     out = jax.eval_shape(model.apply, variables, images, info)
     assert set(out) == {'boxes', 'scores', 'labels', 'valid'}
-
-
-def _resnet_shapes(depth, **kw):
-    net = ResNet(depth=depth, **kw)
-    x = jax.ShapeDtypeStruct((1, 224, 320, 3), jnp.float32)
-    variables = jax.eval_shape(net.init, jax.random.PRNGKey(0), x)
-    outs, state = jax.eval_shape(lambda v, x: net.apply(v, x, capture_intermediates=True,
-                                                        mutable=['intermediates']), variables, x)
-    return net, variables, outs, state['intermediates']
-
-
-@pytest.mark.parametrize('depth, channels, blocks', [
-    (18, (64, 128, 256, 512), (2, 2, 2, 2)),
-    (34, (64, 128, 256, 512), (3, 4, 6, 3)),
-    (50, (256, 512, 1024, 2048), (3, 4, 6, 3)),
-    (101, (256, 512, 1024, 2048), (3, 4, 23, 3)),
-])
-def test_resnet_depths(depth, channels, blocks):
-    net, variables, outs, _ = _resnet_shapes(depth)
-    assert [o.shape for o in outs] == [(1, 56, 80, channels[0]), (1, 28, 40, channels[1]),
-                                       (1, 14, 20, channels[2]), (1, 7, 10, channels[3])]
-    assert list(net.out_channels) == list(channels)
-    names = set(variables['params'])
-    for i, n in enumerate(blocks):
-        assert f'layer{i + 1}_{n - 1}' in names and f'layer{i + 1}_{n}' not in names
-    # FrozenBN statistics live outside 'params'.
-    assert 'bn1' in variables['frozen'] and 'bn1' not in variables['params']
-
-
-@pytest.mark.parametrize('stride_in_1x1', [False, True])
-def test_resnet_stride_in_1x1(stride_in_1x1):
-    _, _, outs, inter = _resnet_shapes(50, stride_in_1x1=stride_in_1x1)
-    assert [o.shape[1:3] for o in outs] == [(56, 80), (28, 40), (14, 20), (7, 10)]
-    for layer, (h, w) in (('layer2_0', (56, 80)), ('layer3_0', (28, 40)), ('layer4_0', (14, 20))):
-        conv1 = inter[layer]['conv1']['__call__'][0].shape
-        conv2 = inter[layer]['conv2']['__call__'][0].shape
-        if stride_in_1x1:   # MSRA / Detectron2: the first 1x1 strides
-            assert conv1[1:3] == (h // 2, w // 2) and conv2[1:3] == (h // 2, w // 2)
-        else:               # torchvision v1.5: the 3x3 strides
-            assert conv1[1:3] == (h, w) and conv2[1:3] == (h // 2, w // 2)
-
-
-def test_resnext_shapes():
-    _, variables, outs, _ = _resnet_shapes(50, groups=32, width_per_group=4)
-    assert [o.shape[-1] for o in outs] == [256, 512, 1024, 2048]
-    p = variables['params']
-    assert p['layer1_0']['conv2']['kernel'].shape == (3, 3, 4, 128)     # 32 groups of 4 channels
-    assert p['layer4_0']['conv2']['kernel'].shape == (3, 3, 32, 1024)
-
-
-def _stage_grad_norms(nets, variables, x):
-    """Per net, sum |d loss / d param| by stage (stem, layer1..4); one compilation for all nets."""
-    def loss(net, params):
-        outs = net.apply({**variables, 'params': params}, x)
-        return sum(jnp.sum(o * jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape))) for o in outs)
-    grads = jax.jit(lambda p: [jax.grad(functools.partial(loss, n))(p) for n in nets])(variables['params'])
-    result = []
-    for g in grads:
-        norms = {}
-        for k, v in _flat(g).items():
-            top = k.split('/')[0]
-            stage = top.split('_')[0] if top.startswith('layer') else 'stem'
-            norms[stage] = norms.get(stage, 0.0) + float(jnp.sum(jnp.abs(v)))
-        result.append(norms)
-    return result
-
-
-@pytest.mark.parametrize('norm', ['gn', 'frozen_bn'])
-def test_frozen_stages_stop_gradients(norm):
-    """frozen_stages k: the stem (k >= 1) and layer1..layer(k-1) get exactly zero gradient, the
-    rest a non-zero one (GroupNorm's scale / bias included; FrozenBN has no params at all)."""
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
-    order = ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
-    variables = _random_variables(ResNet(depth=18, width=8, norm=norm), x)
-    if norm == 'gn':
-        assert 'gn' in variables['params']['bn1'] and 'gn' in variables['params']['layer1_0']['bn1']
-    else:
-        assert 'frozen' in variables and 'bn1' not in variables['params']
-    frozen = (1, 3)
-    nets = [ResNet(depth=18, width=8, norm=norm, frozen_stages=k) for k in frozen]
-    for k, norms in zip(frozen, _stage_grad_norms(nets, variables, x)):
-        assert set(norms) == set(order)
-        for i, stage in enumerate(order):
-            if i < k:
-                assert norms[stage] == 0.0, (k, stage)
-            else:
-                assert norms[stage] > 0.0, (k, stage)
 
 
 def test_bfloat16_close_to_float32(tiny):
@@ -366,7 +258,7 @@ def test_padding_masks_make_canvas_irrelevant():
     model = build_model(cfg.model)
     info = jnp.asarray(INFO[:1])                 # resized 96 x 72, padded 96 x 96
     x = _images(seed=3, batch=1)
-    variables = _random_variables(model, x, info, method=MaskRCNN.features)
+    variables = random_variables(model, x, info, method=MaskRCNN.features)
     unmasked = model.clone(mask_padding=False)
 
     def run(v, big, small):
@@ -383,47 +275,41 @@ def test_padding_masks_make_canvas_irrelevant():
     assert float(jnp.abs(f_unmasked[0][:, :24, :24] - f_small[0]).max()) > 1e-3 * scale
 
 
-def test_resnext_backbone_matches_torchvision():
-    torch = pytest.importorskip('torch')
-    pytest.importorskip('torchvision')
-    from torchvision.models.detection import MaskRCNN as TVMaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops import misc as misc_nn_ops
 
-    from mrcnn_jax.convert import torchvision as tv_convert
 
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    backbone = resnet_fpn_backbone(backbone_name='resnext50_32x4d', weights=None, trainable_layers=3)
-    tv_model = TVMaskRCNN(backbone, num_classes=91).eval()
-    x = torch.rand(1, 3, 128, 160, generator=gen)
+def test_a_new_head_is_a_module_and_a_config_value(monkeypatch):
+    """Pluggable heads: a box head registered under a new name is built and run from the config,
+    with nothing else changed; an unknown name is an error naming the known ones."""
+    import flax.linen as nn
 
-    def calibrate(m, args):   # non-trivial frozen-BN statistics from the layer's own input
-        inp = args[0]
-        c = inp.shape[1]
-        m.running_mean.copy_(inp.mean(dim=(0, 2, 3)) + 0.1 * torch.randn(c, generator=gen))
-        m.running_var.copy_(inp.var(dim=(0, 2, 3)) * (0.8 + 0.4 * torch.rand(c, generator=gen)) + 1e-3)
-        m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-        m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-    with torch.no_grad():
-        hooks = [m.register_forward_pre_hook(calibrate) for m in tv_model.modules()
-                 if isinstance(m, misc_nn_ops.FrozenBatchNorm2d)]
-        tv_model.backbone.body(x)
-        for h in hooks:
-            h.remove()
-        ref = tv_model.backbone(x)
+    from mrcnn_jax.models import heads
 
-    sd = tv_convert.load_state_dict(tv_model.state_dict())
-    cfg_model = tv_convert.model_config_from_state_dict(sd)
-    assert (cfg_model.backbone.depth, cfg_model.backbone.groups, cfg_model.backbone.width_per_group) == (50, 32, 4)
-    cfg_model.backbone.norm_eps = 1e-5          # torchvision's FrozenBatchNorm2d default
-    variables = tv_convert.convert_state_dict(sd, cfg_model)
-    model = build_model(cfg_model)
-    images = jnp.asarray(x[0].permute(1, 2, 0).numpy()[None])
-    info = jnp.asarray([[128, 160, 128, 160, 1, 1]], jnp.float32)
-    feats = model.apply(variables, images, info, method=MaskRCNN.features)
-    for key, ours in zip(['0', '1', '2', '3', 'pool'], feats):
-        theirs = ref[key][0].permute(1, 2, 0).numpy()
-        assert ours.shape[1:] == theirs.shape
-        rel = float(np.abs(np.asarray(ours[0]) - theirs).max() / np.abs(theirs).max())
-        assert rel < 1e-4, (key, rel)
+    class OneFCHead(nn.Module):
+        dim: int
+
+        @classmethod
+        def from_config(cls, cfg, dtype):
+            return cls(dim=cfg.roi.fc_dim // 2)
+
+        @nn.compact
+        def __call__(self, pooled):
+            b, r = pooled.shape[:2]
+            return nn.relu(nn.Dense(self.dim, name='fc')(pooled.reshape(b, r, -1)))
+
+    monkeypatch.setitem(heads.BOX_HEADS, '1fc', OneFCHead)
+    cfg = tiny_config()
+    cfg.model.roi.box_head = '1fc'
+    model = build_model(cfg.model)
+    assert isinstance(model.roi_heads.box_head, OneFCHead)
+    images = jax.ShapeDtypeStruct((1,) + CANVAS + (3,), jnp.float32)
+    info = jax.ShapeDtypeStruct((1, 6), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, info)
+    r = variables['params']['roi_heads']
+    assert set(r['box_head']) == {'fc'}
+    assert r['box_predictor']['cls_score']['kernel'].shape == (cfg.model.roi.fc_dim // 2, 5)
+    out = jax.eval_shape(model.apply, variables, images, info)
+    assert out['boxes'].shape == (1, cfg.model.roi.detections_per_img, 4)
+
+    cfg.model.roi.box_head = '3fc'
+    with pytest.raises(ValueError, match=r"model.roi.box_head '3fc'.*1fc, 2fc"):
+        build_model(cfg.model)

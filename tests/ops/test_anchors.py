@@ -14,6 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.models.conventions import DETECTRON2, TORCHVISION
 from mrcnn_jax.ops import anchors as anchor_ops
 
 torch = pytest.importorskip('torch')
@@ -46,10 +47,10 @@ def _torchvision_anchors(padded_hw):
 
 # (padded h, padded w): 800 x 1216 has the P6 stride quirk in h (13 cells, stride 61);
 # 480 = 15 x 32, 352 = 11 x 32, 608 = 19 x 32 are odd multiples of 32 too; 256 x 512 is regular.
-def level_anchors(grid, base, level, pad_hw, semantics):
+def level_anchors(grid, base, level, pad_hw, conventions):
     """anchor_ops.level_anchors under jit (as the model runs it; eagerly, every op would compile
     separately for every grid shape), as numpy."""
-    fn = jax.jit(lambda p: anchor_ops.level_anchors(grid, base, level, p, semantics))
+    fn = jax.jit(lambda p: anchor_ops.level_anchors(grid, base, level, p, conventions.anchor_strides))
     return tuple(np.asarray(x) for x in fn(pad_hw))
 
 
@@ -68,13 +69,13 @@ def test_p6_stride_quirk_is_real():
 def test_cell_anchors_torchvision_rounded():
     gen = AnchorGenerator(tuple((s,) for s in SIZES), (RATIOS,) * len(SIZES))
     for size, theirs in zip(SIZES, gen.cell_anchors):
-        ours = anchor_ops.cell_anchors(size, RATIOS, 'torchvision')
+        ours = TORCHVISION.cell_anchors(size, RATIOS)
         np.testing.assert_array_equal(ours, theirs.numpy())
         assert np.all(ours == np.round(ours))
 
 
 @pytest.mark.parametrize('padded', PADDED)
-def test_torchvision_semantics_on_larger_canvas(padded):
+def test_torchvision_anchors_on_larger_canvas(padded):
     canvas = (1344, 1344)
     tv_levels, tv_grids = _torchvision_anchors(padded)
     other = (256, 320)   # a second image in the batch with another padded size
@@ -82,8 +83,8 @@ def test_torchvision_semantics_on_larger_canvas(padded):
     pad_hw = jnp.asarray([padded, other], jnp.int32)
     for i, level in enumerate(LEVELS):
         grid = (_grid(canvas[0], level), _grid(canvas[1], level))
-        base = anchor_ops.cell_anchors(SIZES[i], RATIOS, 'torchvision')
-        anchors, valid = level_anchors(grid, base, level, pad_hw, 'torchvision')
+        base = TORCHVISION.cell_anchors(SIZES[i], RATIOS)
+        anchors, valid = level_anchors(grid, base, level, pad_hw, TORCHVISION)
         anchors = np.asarray(anchors).reshape(2, grid[0], grid[1], 3, 4)
         valid = np.asarray(valid).reshape(2, grid[0], grid[1], 3)
         for b, (ref, (gh, gw)) in enumerate([(tv_levels[i], tv_grids[i]), (other_levels[i], other_grids[i])]):
@@ -94,14 +95,14 @@ def test_torchvision_semantics_on_larger_canvas(padded):
             assert (valid[b] == expect[..., None]).all(), f'image {b} level P{level} valid mask'
 
 
-def test_torchvision_semantics_canvas_equal_to_padding():
+def test_torchvision_anchors_canvas_equal_to_padding():
     """With the canvas equal to the padded size every cell is valid and all anchors match."""
     padded = (800, 1216)
     tv_levels, tv_grids = _torchvision_anchors(padded)
     for i, level in enumerate(LEVELS):
-        base = anchor_ops.cell_anchors(SIZES[i], RATIOS, 'torchvision')
+        base = TORCHVISION.cell_anchors(SIZES[i], RATIOS)
         anchors, valid = level_anchors(tv_grids[i], base, level,
-                                                  jnp.asarray([padded], jnp.int32), 'torchvision')
+                                                  jnp.asarray([padded], jnp.int32), TORCHVISION)
         np.testing.assert_array_equal(np.asarray(anchors)[0], tv_levels[i])
         assert np.asarray(valid).all()
 
@@ -130,29 +131,29 @@ def _detectron2_grid_anchors(grid_hw, stride, cell, offset=0.0):
 
 def test_cell_anchors_detectron2_exact():
     for size in SIZES:
-        ours = anchor_ops.cell_anchors(size, RATIOS, 'detectron2')
+        ours = DETECTRON2.cell_anchors(size, RATIOS)
         theirs = _detectron2_cell_anchors(size, RATIOS).numpy()
         np.testing.assert_array_equal(ours, theirs)
     # Not rounded: the 0.5-ratio anchor of size 32 is 45.25 px wide.
-    assert anchor_ops.cell_anchors(32, RATIOS, 'detectron2')[0, 2] != np.round(
-        anchor_ops.cell_anchors(32, RATIOS, 'detectron2')[0, 2])
+    assert DETECTRON2.cell_anchors(32, RATIOS)[0, 2] != np.round(
+        DETECTRON2.cell_anchors(32, RATIOS)[0, 2])
 
 
 @pytest.mark.parametrize('padded', [(800, 1216), (480, 640)])
-def test_detectron2_semantics(padded):
+def test_detectron2_anchors(padded):
     canvas = (832, 1344)
     for i, level in enumerate(LEVELS):
         stride = 2 ** level
-        base = anchor_ops.cell_anchors(SIZES[i], RATIOS, 'detectron2')
+        base = DETECTRON2.cell_anchors(SIZES[i], RATIOS)
         cell = _detectron2_cell_anchors(SIZES[i], RATIOS)
         grid = (_grid(canvas[0], level), _grid(canvas[1], level))
         # Whole canvas (pad_hw None): nominal strides, all valid.
-        anchors, valid = level_anchors(grid, base, level, None, 'detectron2')
+        anchors, valid = level_anchors(grid, base, level, None, DETECTRON2)
         np.testing.assert_array_equal(np.asarray(anchors)[0], _detectron2_grid_anchors(grid, stride, cell))
         assert np.asarray(valid).all()
         # Per image: fixed stride 2^level (no P6 quirk), valid on the image's padded grid.
         anchors, valid = level_anchors(grid, base, level, jnp.asarray([padded], jnp.int32),
-                                                  'detectron2')
+                                                  DETECTRON2)
         gh, gw = _grid(padded[0], level), _grid(padded[1], level)
         a = np.asarray(anchors).reshape(grid[0], grid[1], 3, 4)
         np.testing.assert_array_equal(a[:gh, :gw].reshape(-1, 4),

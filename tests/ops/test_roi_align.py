@@ -236,6 +236,28 @@ def test_box_levels_match_level_mapper():
     np.testing.assert_array_equal(got[-4:], [1, 2, 3, 0])
 
 
+def test_box_levels_detectron2_formula():
+    """Detectron2's assign_boxes_to_levels (modeling/poolers.py) puts its eps inside the log:
+    floor(k0 + log2(sqrt(area) / s0 + 1e-8)), clamped to [k_min, k_max]; written out in torch."""
+    from mrcnn_jax.models.conventions import DETECTRON2
+
+    rng = np.random.default_rng(25)
+    side = np.exp(rng.uniform(np.log(2), np.log(2000), 3000))
+    aspect = np.exp(rng.uniform(-1.5, 1.5, 3000))
+    wh = np.stack([side * aspect, side / aspect], 1)
+    xy = rng.uniform(-100, 900, (3000, 2))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    boxes = np.concatenate([boxes, [[0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 458, 458], [5, 5, 5, 9]]])
+    boxes = boxes.astype(np.float32)
+    t = torch.from_numpy(boxes)
+    sizes = torch.sqrt((t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1]))
+    ref = torch.clamp(torch.floor(4 + torch.log2(sizes / 224 + 1e-8)), min=2, max=5).to(torch.int64) - 2
+    got = np.asarray(jax.jit(lambda b: box_levels(b, 2, 5, eps=DETECTRON2.level_eps,
+                                                  eps_in_log=DETECTRON2.level_eps_in_log))(boxes))
+    np.testing.assert_array_equal(got, ref.numpy())
+    np.testing.assert_array_equal(got[-4:], [1, 2, 3, 0])
+
+
 def test_gradients_match_torchvision():
     # aligned=False / fixed sampling is covered by the multi-level gradient test below.
     aligned, sampling_ratio = True, 0

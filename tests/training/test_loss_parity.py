@@ -38,7 +38,7 @@ from torchvision.models.detection import roi_heads as tv_roi_heads  # noqa: E402
 from mrcnn_jax.convert.torchvision import (  # noqa: E402
     _expected_torch_keys, convert_state_dict, model_config_from_state_dict)
 from mrcnn_jax.models.mask_rcnn import MaskRCNN, build_model  # noqa: E402
-from mrcnn_jax.training.losses import make_loss_fn  # noqa: E402
+from mrcnn_jax.training.losses import LossSettings, make_loss_fn  # noqa: E402
 from tv_reference import build_torchvision_maskrcnn, image_to_tensor  # noqa: E402
 
 PHOTOS = ('000000000110.jpg', '000000000397.jpg')   # both 640 x 480, 24 and 7 instances, 6-7 classes
@@ -205,7 +205,7 @@ def _our_losses(tv, batch):
     assert cfg.backbone.depth == 18 and cfg.num_classes == 91
     model = build_model(cfg)
     variables = convert_state_dict(sd, cfg)
-    loss_fn = make_loss_fn(model, cfg, with_targets=True)
+    loss_fn = make_loss_fn(model, LossSettings.from_config(cfg), with_targets=True)
 
     def objective(params, batch):
         return loss_fn({'params': params, 'frozen': variables['frozen']}, batch, jax.random.PRNGKey(0))

@@ -195,7 +195,7 @@ def tiny():
     images = jnp.zeros((1,) + canvas + (3,), jnp.float32)
     info = jnp.asarray([[128, 128, 128, 128, 1, 1]], jnp.float32)
     variables = jax.jit(lambda k: model.init(k, images, info))(jax.random.key(0, impl='unsafe_rbg'))
-    loss_fn = losses.make_loss_fn(model, cfg, with_targets=True)
+    loss_fn = losses.make_loss_fn(model, losses.LossSettings.from_config(cfg), with_targets=True)
 
     @jax.jit
     def run(variables, batch, key):
@@ -258,7 +258,7 @@ def test_images_without_usable_gt_train_as_background(tiny):
     assert l['loss_objectness'] > 0 and l['loss_classifier'] > 0
     assert l['loss_rpn_box_reg'] == 0 and l['loss_box_reg'] == 0 and l['loss_mask'] == 0
     assert float(np.abs(np.asarray(grads['rpn_head']['cls_logits']['kernel'])).max()) > 0
-    assert float(np.abs(np.asarray(grads['mask_head']['mask_fcn1']['kernel'])).max()) == 0
+    assert float(np.abs(np.asarray(grads['roi_heads']['mask_head']['mask_fcn1']['kernel'])).max()) == 0
 
 
 def test_mixed_batch_and_per_image_keys(tiny):
@@ -301,7 +301,7 @@ def test_mask_head_chunks_give_the_same_loss_and_gradients(tiny):
     for chunk in (0, 2):
         c = cfg.copy_and_resolve_references()
         c.roi.mask_roi_chunk = chunk
-        loss_fn = losses.make_loss_fn(build_model(c), c, with_targets=True)
+        loss_fn = losses.make_loss_fn(build_model(c), losses.LossSettings.from_config(c), with_targets=True)
         f = jax.jit(jax.value_and_grad(lambda p: loss_fn({**variables, 'params': p}, batch, key), has_aux=True))
         out[chunk] = f(variables['params'])
         if chunk:
@@ -324,4 +324,4 @@ def test_mask_head_chunks_give_the_same_loss_and_gradients(tiny):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(a).max()),
                                    err_msg=jax.tree_util.keystr(path))
-    assert np.abs(np.asarray(g2['mask_head']['mask_fcn1']['kernel'])).max() > 0
+    assert np.abs(np.asarray(g2['roi_heads']['mask_head']['mask_fcn1']['kernel'])).max() > 0

@@ -121,7 +121,7 @@ def test_cpu_step_uses_the_memory_optimized_schedule():
     from mrcnn_jax.config import load_config
     from mrcnn_jax.models.mask_rcnn import build_model
     from mrcnn_jax.training import optimizer, train_step as ts
-    from mrcnn_jax.training.losses import make_loss_fn
+    from mrcnn_jax.training.losses import LossSettings, make_loss_fn
     cfg = load_config(th.REPO / 'configs' / 'tiny_test.py')
     model = build_model(cfg.model)
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def test_cpu_step_uses_the_memory_optimized_schedule():
     state = ts.place_state(ts.create_state(variables, tx, jax.random.PRNGKey(0)), mesh)
     temp = {}
     for name, options in (('ours', None), ('xla_default', {})):
-        step = ts.make_train_step(make_loss_fn(model, cfg.model), tx, mesh, xla_options=options)
+        step = ts.make_train_step(make_loss_fn(model, LossSettings.from_config(cfg.model)), tx, mesh, xla_options=options)
         compiled = step.lower(state, ts.shard_batch(batch, mesh)).compile()
         temp[name] = compiled.memory_analysis().temp_size_in_bytes
     assert temp['ours'] < 0.7 * temp['xla_default'], temp

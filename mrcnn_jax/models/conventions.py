@@ -1,0 +1,219 @@
+"""Every point where torchvision and Detectron2 differ, in one place.
+
+A checkpoint reproduces its source only under its source's conventions: the same weights give
+other boxes if RoIAlign samples half a pixel off, anchors are rounded differently or an image is
+resized one pixel larger. Each such difference is a field of `Conventions`; model, data and loss
+code asks the object for the value (`conv.resized_size(...)`, `conv.cell_anchors(...)`,
+`conv.roi_align_aligned`) and never compares reference names. Pure Python (no JAX), so the input
+pipeline reads it too.
+
+In a config, `model.conventions` is a group: `name` picks a preset (`TORCHVISION`, `DETECTRON2`)
+and every other field is None ("the preset's value") or an explicit override, e.g. a Detectron2
+config whose PIXEL_STD differs from the default:
+
+    --config.model.conventions.name=detectron2 --config.model.conventions.pixel_std='(57.375, 57.12, 58.395)'
+
+`Conventions.from_config(cfg.model.conventions)` resolves the group into one object.
+
+What stays outside: values a reference's own config file sets per model (thresholds, top-k, the
+pooler sizes, `rpn.min_size`, `roi.min_size`, FrozenBN eps), which live in the config sections of
+their stage, with torchvision's values as defaults.
+
+Class layout: the model always computes with the background at index 0 (class i of K - 1 at
+index i); `class_layout` says how the reference numbers its outputs (Detectron2 puts the background
+last, at index K - 1, and its box and mask predictors have no background rows). Converters permute
+a reference's weights into our layout and label maps use `reference_label`, so model code has one
+layout and no branch.
+
+Known differences not modelled yet (Detectron2 checkpoints are not importable yet; its parity
+harness will check them): RPN small-box removal (torchvision keeps sides >= min_size, Detectron2
+sides > min_size), and Detectron2's test-time detection postprocess has no min-size filter (set
+`roi.min_size = 0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+# torchvision normalizes x / 255 with ImageNet statistics in [0, 1] units.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Detectron2's defaults (MSRA ResNet weights): BGR in [0, 255], mean subtracted, std 1.
+DETECTRON2_MEAN = (103.53, 116.28, 123.675)
+DETECTRON2_STD = (1.0, 1.0, 1.0)
+
+RESIZE_RULES = ('floor', 'round')
+ANCHOR_STRIDES = ('padded', 'nominal')
+CLASS_LAYOUTS = ('background_first', 'background_last')
+MASK_TARGETS = ('soft', 'hard')
+LOSS_NORMALIZERS = ('sampled', 'nominal')
+REG_LOSSES = ('smooth_l1', 'l1')
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+    """One reference implementation's conventions (see the module docstring)."""
+    name: str
+
+    # -- input ---------------------------------------------------------------------------------
+    # Shortest-edge resize: torchvision floors `side * scale` (computed in float64, as
+    # F.interpolate with recompute_scale_factor=True), Detectron2's ResizeShortestEdge rounds.
+    resize_rule: str
+    # torchvision resizes tensors without antialiasing; Detectron2 resizes with PIL, which
+    # antialiases when shrinking (True approximates it in the training pipeline).
+    resize_antialias: bool
+    # Images enter as `(x * pixel_scale - pixel_mean) / pixel_std` in `channel_order`, from uint8
+    # RGB x: torchvision works on [0, 1] (scale 1/255, applied as a division by 255 like
+    # to_tensor), Detectron2 on [0, 255] in BGR for its MSRA weights.
+    pixel_scale: float
+    channel_order: str
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+
+    # -- backbone ------------------------------------------------------------------------------
+    # Where a bottleneck's stride sits: torchvision (ResNet v1.5) on the 3x3, Detectron2's MSRA
+    # weights (ResNet v1) on the first 1x1.
+    stride_in_1x1: bool
+
+    # -- anchors -------------------------------------------------------------------------------
+    # torchvision rounds its cell anchors to integers (computed in float32 as h = size * sqrt(ar),
+    # w = size / sqrt(ar)); Detectron2 keeps them exact (w = sqrt(size^2 / ar), h = ar * w).
+    anchor_rounding: bool
+    # torchvision's level stride is padded_size // feature_size, which is not 64 for P6 when the
+    # padded side / 32 is odd; Detectron2 uses the nominal 4, 8, 16, 32, 64 (ops/anchors.py).
+    anchor_strides: str
+
+    # -- RoI pooling ---------------------------------------------------------------------------
+    # RoIAlign's half-pixel shift: torchvision's MultiScaleRoIAlign has aligned=False,
+    # Detectron2's ROIAlignV2 aligned=True.
+    roi_align_aligned: bool
+    # Samples per bin and axis: torchvision 2, Detectron2 0 (adaptive ceil(roi / output)).
+    sampling_ratio: int
+    # FPN level of a box, k = floor(k0 + log2(sqrt(area) / s0) + eps) in torchvision (eps 1e-6
+    # added after the log) and floor(k0 + log2(sqrt(area) / s0 + eps)) in Detectron2 (eps 1e-8
+    # inside the log).
+    level_eps: float
+    level_eps_in_log: bool
+
+    # -- classes -------------------------------------------------------------------------------
+    class_layout: str
+
+    # -- training ------------------------------------------------------------------------------
+    # Box regression losses: smooth L1 with this beta (0 is L1). torchvision: 1/9 for the RPN and
+    # the box head; Detectron2's default SMOOTH_L1_BETA is 0.
+    rpn_loss_type: str
+    rpn_smooth_l1_beta: float
+    box_loss_type: str
+    box_smooth_l1_beta: float
+    # RPN losses divided by the anchors actually sampled (torchvision) or by
+    # batch_size_per_image x images (Detectron2), which differ when an image has too few anchors.
+    rpn_loss_normalizer: str
+    # Mask targets: torchvision's are RoIAlign of the 0/1 mask (soft), Detectron2 thresholds
+    # them at 0.5.
+    mask_targets: str
+
+    def __post_init__(self):
+        for field, allowed in (('resize_rule', RESIZE_RULES), ('anchor_strides', ANCHOR_STRIDES),
+                               ('class_layout', CLASS_LAYOUTS), ('mask_targets', MASK_TARGETS),
+                               ('rpn_loss_normalizer', LOSS_NORMALIZERS),
+                               ('rpn_loss_type', REG_LOSSES), ('box_loss_type', REG_LOSSES),
+                               ('channel_order', ('RGB', 'BGR'))):
+            if getattr(self, field) not in allowed:   # a typo must not silently change numbers
+                raise ValueError(f'conventions {self.name!r}: {field} must be one of {allowed}, '
+                                 f'got {getattr(self, field)!r}')
+        for field in ('pixel_mean', 'pixel_std'):
+            value = tuple(float(v) for v in getattr(self, field))
+            if len(value) != 3:
+                raise ValueError(f'conventions {self.name!r}: {field} needs 3 values, got {value}')
+            object.__setattr__(self, field, value)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, group: Any) -> 'Conventions':
+        """The preset named by `group.name`, with the group's non-None fields overriding it.
+
+        group: a `model.conventions` ConfigDict (or a mapping, or a preset name as a string).
+        """
+        if isinstance(group, Conventions):
+            return group
+        if isinstance(group, str):
+            return preset(group)
+        items = dict(group.items()) if hasattr(group, 'items') else dict(group)
+        base = preset(items.pop('name', 'torchvision'))
+        unknown = sorted(set(items) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise KeyError(f'unknown conventions field(s): {", ".join(unknown)}')
+        changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in items.items() if v is not None}
+        return dataclasses.replace(base, **changes) if changes else base
+
+    def replace(self, **changes) -> 'Conventions':
+        return dataclasses.replace(self, **changes)
+
+    # -- the values, as code needs them ----------------------------------------------------------
+    def resized_size(self, h: int, w: int, min_size: float, max_size: float) -> tuple[int, int]:
+        """Output (height, width) of the shortest-edge resize of an h x w image (host side;
+        `preprocess.resized_size` states both rules)."""
+        from mrcnn_jax import preprocess
+        return preprocess.resized_size(h, w, min_size, max_size, self.resize_rule)
+
+    def cell_anchors(self, size: float, aspect_ratios) -> np.ndarray:
+        """Zero-centred anchors of one level: [A, 4] float32 xyxy, A = len(aspect_ratios)."""
+        from mrcnn_jax.ops import anchors
+        return anchors.cell_anchors(size, aspect_ratios, rounded=self.anchor_rounding)
+
+    @property
+    def background_last(self) -> bool:
+        return self.class_layout == 'background_last'
+
+    def reference_label(self, label):
+        """Our class index (background 0) -> the reference's (numpy or int)."""
+        return label - 1 if self.background_last else label
+
+    def to_config(self) -> dict:
+        """This object as a `model.conventions` group with every field explicit."""
+        return dataclasses.asdict(self)
+
+
+TORCHVISION = Conventions(
+    name='torchvision',
+    resize_rule='floor', resize_antialias=False,
+    pixel_scale=1.0 / 255.0, channel_order='RGB', pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
+    stride_in_1x1=False,
+    anchor_rounding=True, anchor_strides='padded',
+    roi_align_aligned=False, sampling_ratio=2, level_eps=1e-6, level_eps_in_log=False,
+    class_layout='background_first',
+    rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=1.0 / 9.0,
+    box_loss_type='smooth_l1', box_smooth_l1_beta=1.0 / 9.0,
+    rpn_loss_normalizer='sampled', mask_targets='soft',
+)
+
+DETECTRON2 = Conventions(
+    name='detectron2',
+    resize_rule='round', resize_antialias=True,
+    pixel_scale=1.0, channel_order='BGR', pixel_mean=DETECTRON2_MEAN, pixel_std=DETECTRON2_STD,
+    stride_in_1x1=True,
+    anchor_rounding=False, anchor_strides='nominal',
+    roi_align_aligned=True, sampling_ratio=0, level_eps=1e-8, level_eps_in_log=True,
+    class_layout='background_last',
+    rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=0.0,
+    box_loss_type='smooth_l1', box_smooth_l1_beta=0.0,
+    rpn_loss_normalizer='nominal', mask_targets='hard',
+)
+
+PRESETS: Mapping[str, Conventions] = {c.name: c for c in (TORCHVISION, DETECTRON2)}
+
+
+def preset(name: str) -> Conventions:
+    if name not in PRESETS:
+        raise ValueError(f'unknown conventions {name!r} (known: {", ".join(PRESETS)})')
+    return PRESETS[name]
+
+
+def config_group(name: str = 'torchvision') -> dict:
+    """The `model.conventions` group of a config: the preset's name, every field None (= the
+    preset's value) until a config or the command line overrides it."""
+    preset(name)
+    return {f.name: (name if f.name == 'name' else None) for f in dataclasses.fields(Conventions)}
