@@ -1,5 +1,5 @@
 """mrcnn_jax.preprocess against torchvision's GeneralizedRCNNTransform / F.interpolate and
-Detectron2's ResizeShortestEdge (its formula written out below), plus canvas buckets."""
+Detectron2's ResizeShortestEdge (the shared reference in tests/references.py), plus canvas buckets."""
 
 import math
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import preprocess
+from references import detectron2_resize_shape, detectron2_source_function
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')
@@ -110,22 +111,19 @@ def test_resized_size_matches_torchvision_image_sizes():
         assert preprocess.resized_size(h, w, mn, mx) == tuple(il.image_sizes[0]), (h, w, mn, mx)
 
 
-def _detectron2_output_shape(oldh, oldw, short_edge_length, max_size):
-    """detectron2.data.transforms.ResizeShortestEdge.get_output_shape."""
-    h, w = oldh, oldw
-    size = short_edge_length * 1.0
-    scale = size / min(h, w)
-    if h < w:
-        newh, neww = size, scale * w
-    else:
-        newh, neww = scale * h, size
-    if max(newh, neww) > max_size:
-        scale = max_size * 1.0 / max(newh, neww)
-        newh = newh * scale
-        neww = neww * scale
-    neww = int(neww + 0.5)
-    newh = int(newh + 0.5)
-    return (newh, neww)
+def test_detectron2_resize_reference_is_detectron2s_own():
+    """The transcribed reference computes what the vendored Detectron2 source computes (compiled
+    from its text: the module itself does not import without fvcore)."""
+    theirs = detectron2_source_function('detectron2/data/transforms/augmentation_impl.py',
+                                        'ResizeShortestEdge.get_output_shape')
+    if theirs is None:
+        pytest.skip('Detectron2 source not found at ../shared/vendor/detectron2')
+    rng = np.random.default_rng(4)
+    cases = [(int(h), int(w), int(m), int(m * r)) for h, w, m, r in zip(
+        rng.integers(1, 3000, 500), rng.integers(1, 3000, 500), rng.integers(16, 1400, 500),
+        rng.uniform(1.0, 2.5, 500))]
+    for case in cases + [(480, 640, 800, 1333), (640, 480, 800, 1333), (500, 500, 640, 1000)]:
+        assert detectron2_resize_shape(*case) == theirs(*case), case
 
 
 def test_resized_size_detectron2_rule():
@@ -136,9 +134,9 @@ def test_resized_size_detectron2_rule():
               for m, r in zip(rng.integers(32, 1000, 300), rng.uniform(1.0, 2.5, 300))]
     differ = 0
     for h, w, mn, mx in cases:
-        ours = preprocess.resized_size(h, w, mn, mx, 'detectron2')
-        assert ours == _detectron2_output_shape(h, w, mn, mx), (h, w, mn, mx)
-        differ += ours != preprocess.resized_size(h, w, mn, mx, 'torchvision')
+        ours = preprocess.resized_size(h, w, mn, mx, 'round')
+        assert ours == detectron2_resize_shape(h, w, mn, mx), (h, w, mn, mx)
+        differ += ours != preprocess.resized_size(h, w, mn, mx, 'floor')
     assert differ > 10, 'the cases should tell rounding from flooring'
     with pytest.raises(ValueError, match='resize rule'):
         preprocess.resized_size(10, 10, 8, 8, 'pil')

@@ -1,4 +1,4 @@
-"""Per-example ops against torchvision, Detectron2's formula and a numpy reference."""
+"""Per-example ops against torchvision, Detectron2's resize rule (tests/references.py) and a numpy reference."""
 
 import dataclasses
 
@@ -9,6 +9,7 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mrcnn_jax.data import example, transforms
+from references import detectron2_resize_shape
 
 from .helpers import reference_mask_target
 
@@ -16,7 +17,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _options(**kw) -> transforms.PreprocessOptions:
-    base = dict(train=False, min_sizes=(64,), max_size=100, resize_rule='torchvision',
+    base = dict(train=False, min_sizes=(64,), max_size=100, resize_rule='floor',
                 antialias=False, flip_prob=0.0, channel_order='RGB', pixel_scale=1 / 255,
                 pixel_mean=MEAN, pixel_std=STD, max_instances=6, mask_size=14, with_masks=True,
                 num_keypoints=0, keypoint_flip_map=(), class_table=tuple(range(10)))
@@ -55,20 +56,6 @@ def _parsed(rng, h=37, w=53, n=4, num_keypoints=0):
     return parsed, image, masks, boxes
 
 
-def _d2_output_shape(h, w, short, max_size):
-    # detectron2.data.transforms.ResizeShortestEdge.get_output_shape, verbatim arithmetic
-    scale = short * 1.0 / min(h, w)
-    if h < w:
-        newh, neww = short, scale * w
-    else:
-        newh, neww = scale * h, short
-    if max(newh, neww) > max_size:
-        scale = max_size * 1.0 / max(newh, neww)
-        newh = newh * scale
-        neww = neww * scale
-    return int(newh + 0.5), int(neww + 0.5)
-
-
 def test_resized_size_matches_torchvision_and_detectron2():
     rng = np.random.default_rng(0)
     cases = [(480, 640, 800, 1333), (427, 640, 800, 1333), (333, 500, 800, 1333),
@@ -83,14 +70,14 @@ def test_resized_size_matches_torchvision_and_detectron2():
         out = torch.nn.functional.interpolate(torch.zeros(1, 1, h, w), scale_factor=scale,
                                               mode='bilinear', recompute_scale_factor=True,
                                               align_corners=False)
-        ours = transforms.resized_size(h, w, short, max_size, big, 'torchvision')
+        ours = transforms.resized_size(h, w, short, max_size, big, 'floor')
         assert (int(ours[0]), int(ours[1])) == tuple(out.shape[-2:]), (h, w, short)
-        ours = transforms.resized_size(h, w, short, max_size, big, 'detectron2')
-        assert (int(ours[0]), int(ours[1])) == _d2_output_shape(h, w, short, max_size)
+        ours = transforms.resized_size(h, w, short, max_size, big, 'round')
+        assert (int(ours[0]), int(ours[1])) == detectron2_resize_shape(h, w, short, max_size)
 
 
 def test_resized_size_fits_a_small_canvas():
-    for rule in ('torchvision', 'detectron2'):
+    for rule in ('floor', 'round'):
         h, w = transforms.resized_size(480, 640, 800, 1333, (512, 512), rule)
         assert int(w) == 512 and int(h) == 384
         h, w = transforms.resized_size(640, 480, 800, 1333, (832, 1344), rule)
