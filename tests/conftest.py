@@ -26,6 +26,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest
 
+# Under CI=true a skip fails the run (tests/ci_skips.py).
+pytest_plugins = ['ci_skips']
+
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 
 
