@@ -21,8 +21,45 @@ Modules, in the order data flows through them:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import types
+
+# Lines TensorFlow's C++ start-up writes to stderr whatever TF_CPP_MIN_LOG_LEVEL says (absl is
+# not initialized yet when its libraries load): information, not warnings.
+TF_STARTUP_NOISE = (
+    'All log messages before absl::InitializeLog() is called are written to STDERR',
+    'oneDNN custom operations are on',
+)
+
+
+@contextlib.contextmanager
+def _filtered_stderr(noise=TF_STARTUP_NOISE):
+    """Captures file descriptor 2 (where C++ libraries write) and passes on every line that
+    contains none of `noise`: real warnings during the block still show, after it."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):   # no real stderr (e.g. captured by a test)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode='w+b') as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors='replace').splitlines(keepends=True)
+                    if not any(n in line for n in noise)]
+            if kept:
+                sys.stderr.write(''.join(kept))
+                sys.stderr.flush()
 
 
 def tensorflow_on_cpu() -> types.ModuleType:
@@ -33,7 +70,11 @@ def tensorflow_on_cpu() -> types.ModuleType:
     also imports torch, import torch first (importing tensorflow first segfaults with triton).
     """
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    import tensorflow as tf
+    if 'tensorflow' in sys.modules:
+        import tensorflow as tf
+    else:
+        with _filtered_stderr():
+            import tensorflow as tf
     try:
         tf.config.set_visible_devices([], 'GPU')
     except RuntimeError:  # devices already initialized: someone used TF before us; nothing to do
