@@ -98,3 +98,36 @@ def test_no_reference_names_compared_outside_the_conventions():
                  for i, line in enumerate(p.read_text().splitlines())
                  if 'semantics ==' in line or pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_detectron2_conventions_trace_through_training_and_inference():
+    """The whole train loss and inference of the tiny model under Detectron2's conventions
+    (aligned adaptive RoIAlign, exact anchors on nominal strides, hard mask targets, L1 and the
+    nominal RPN normalizer) trace to the same output structure as under torchvision's (shapes
+    only: eval_shape, nothing compiled)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mrcnn_jax.models.mask_rcnn import build_model, dummy_inputs
+    from mrcnn_jax.training.losses import LossSettings, make_loss_fn
+
+    out = {}
+    for name in ('torchvision', 'detectron2'):
+        cfg = load_config('configs/tiny_test.py', [f'model.conventions.name={name}'])
+        model = build_model(cfg.model)
+        images, info = dummy_inputs((128, 128), batch=2)
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, info)
+        g = cfg.data.max_instances
+        batch = {'images': images, 'image_info': info,
+                 'gt_boxes': jax.ShapeDtypeStruct((2, g, 4), jnp.float32),
+                 'gt_classes': jax.ShapeDtypeStruct((2, g), jnp.int32),
+                 'gt_valid': jax.ShapeDtypeStruct((2, g), jnp.bool_),
+                 'gt_is_crowd': jax.ShapeDtypeStruct((2, g), jnp.bool_),
+                 'gt_masks': jax.ShapeDtypeStruct((2, g, 28, 28), jnp.uint8)}
+        loss_fn = make_loss_fn(model, LossSettings.from_config(cfg.model))
+        loss = jax.eval_shape(loss_fn, variables, batch, jax.random.PRNGKey(0))
+        det = jax.eval_shape(model.apply, variables, images, info)
+        out[name] = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), (loss, det))
+    assert out['torchvision'] == out['detectron2']
+    assert set(out['detectron2'][0][1]['losses']) == {'loss_objectness', 'loss_rpn_box_reg', 'loss_classifier',
+                                                     'loss_box_reg', 'loss_mask'}

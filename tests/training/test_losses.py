@@ -111,6 +111,27 @@ def test_rpn_losses_equal_reference(loss_type):
     np.testing.assert_allclose(np.asarray(ours2), np.asarray(ours), rtol=1e-6)
 
 
+def test_rpn_losses_nominal_normalizer_is_detectron2s():
+    """Detectron2's RPN.losses: BCE and L1 (smooth_l1_beta 0) *summed* over the sampled anchors,
+    both divided by batch_size_per_image x images, not by the anchors actually sampled (here 104
+    of 128: image 1 had only 40 anchors to sample)."""
+    rng = np.random.default_rng(3)
+    obj, deltas, idx, labels, weights, box_t = _anchor_batch(rng)
+    valid = weights > 0
+    logit = np.concatenate([obj[i, idx[i][valid[i]]] for i in range(len(obj))])
+    pred = np.concatenate([deltas[i, idx[i][valid[i]]] for i in range(len(obj))])
+    lab, tt = labels[valid], box_t[valid]
+    normalizer = weights.size                           # batch_size_per_image (64) x 2 images
+    assert valid.sum() < normalizer
+    ref_obj = F.binary_cross_entropy_with_logits(_t(logit), _t(lab), reduction='sum') / normalizer
+    ref_box = F.l1_loss(_t(pred[lab == 1]), _t(tt[lab == 1]), reduction='sum') / normalizer
+    ours = jax.jit(lambda *a: losses.rpn_losses(a[0], a[1], tgt.AnchorTargets(*a[2:]), loss_type='smooth_l1',
+                                                beta=0.0, normalizer='nominal'))(obj, deltas, idx, labels, weights, box_t)
+    np.testing.assert_allclose(np.asarray(ours), [float(ref_obj), float(ref_box)], rtol=1e-5)
+    with pytest.raises(ValueError, match='normalizer'):
+        losses.rpn_losses(obj, deltas, tgt.AnchorTargets(idx, labels, weights, box_t), normalizer='batch')
+
+
 def _roi_batch(rng, b=2, s=48, k=6, n_valid=(48, 30), n_pos=(12, 0)):
     logits = rng.normal(0, 2, (b, s, k)).astype(np.float32)
     deltas = rng.normal(0, 0.5, (b, s, k, 4)).astype(np.float32)
