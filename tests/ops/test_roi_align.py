@@ -217,18 +217,23 @@ def test_multilevel_valid_hw():
             np.testing.assert_allclose(got[i:i + 1, sel], ref, rtol=0, atol=1e-10)
 
 
-def test_box_levels_match_level_mapper():
-    from torchvision.ops.poolers import initLevelMapper
-
-    rng = np.random.default_rng(24)
+def _level_test_boxes(seed):
+    """3000 boxes of sides 2..2000 px, then four exactly on the level boundaries (sqrt(area) =
+    112, 224, 448) and a degenerate one."""
+    rng = np.random.default_rng(seed)
     side = np.exp(rng.uniform(np.log(2), np.log(2000), 3000))
     aspect = np.exp(rng.uniform(-1.5, 1.5, 3000))
     wh = np.stack([side * aspect, side / aspect], 1)
     xy = rng.uniform(-100, 900, (3000, 2))
     boxes = np.concatenate([xy, xy + wh], 1)
-    # Exactly on the level boundaries (sqrt(area) = 112, 224, 448) and degenerate.
     boxes = np.concatenate([boxes, [[0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 458, 458], [5, 5, 5, 9]]])
-    boxes = boxes.astype(np.float32)
+    return boxes.astype(np.float32)
+
+
+def test_box_levels_match_level_mapper():
+    from torchvision.ops.poolers import initLevelMapper
+
+    boxes = _level_test_boxes(24)
     ref = initLevelMapper(2, 5)([torch.from_numpy(boxes)]).numpy()
     got = np.asarray(jax.jit(box_levels, static_argnums=(1, 2))(boxes, 2, 5))
     assert got.dtype == np.int32
@@ -241,14 +246,7 @@ def test_box_levels_detectron2_formula():
     floor(k0 + log2(sqrt(area) / s0 + 1e-8)), clamped to [k_min, k_max]; written out in torch."""
     from mrcnn_jax.models.conventions import DETECTRON2
 
-    rng = np.random.default_rng(25)
-    side = np.exp(rng.uniform(np.log(2), np.log(2000), 3000))
-    aspect = np.exp(rng.uniform(-1.5, 1.5, 3000))
-    wh = np.stack([side * aspect, side / aspect], 1)
-    xy = rng.uniform(-100, 900, (3000, 2))
-    boxes = np.concatenate([xy, xy + wh], 1)
-    boxes = np.concatenate([boxes, [[0, 0, 112, 112], [0, 0, 224, 224], [10, 10, 458, 458], [5, 5, 5, 9]]])
-    boxes = boxes.astype(np.float32)
+    boxes = _level_test_boxes(25)
     t = torch.from_numpy(boxes)
     sizes = torch.sqrt((t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1]))
     ref = torch.clamp(torch.floor(4 + torch.log2(sizes / 224 + 1e-8)), min=2, max=5).to(torch.int64) - 2
