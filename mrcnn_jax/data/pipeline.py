@@ -26,14 +26,18 @@ Canvas buckets (`data.buckets`): batch s uses bucket `draw(seed, s)`, a stateles
     rule's scale, shrunk further if the image would not fit).
 
 Randomness per element (flip, multi-scale choice) comes from a stateless seed of (seed, position),
-    independent of parallelism. With `data.deterministic` the training element order is exact too;
-    otherwise tf.data may swap neighbouring elements (within the parallel-map window) for
-    throughput, so a resumed run sees the same examples up to such swaps near the resume point.
-    'val' is always ordered.
+    independent of parallelism. With `data.deterministic` (the default) the training element order
+    is exact too, so the same config and seed give the same batches in every run and after a
+    resume; it costs ~1% of input throughput on 2 cores (`scripts/benchmark_input.py
+    --compare-order`). With False tf.data hands out elements as they finish (neighbours within the
+    parallel-map window swap, also across batches): two runs of one seed then train on other
+    batches and diverge. 'val' is always ordered.
 
 Bad records: a record that fails to read or decode in Python is replaced (train: by another
     record, deterministically; val: by a padding element) and counted in `stats`; TensorFlow
-    errors in a training element drop the element (logged) instead of ending the epoch.
+    errors in a training element drop the element (logged) instead of ending the epoch. Such a
+    drop shifts this host's later elements by one; the saved position (the step) does not count
+    it, so a run resumed after one sees the unshifted elements.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import numpy as np
 
 from mrcnn_jax.data import example, sources, synthetic, tensorflow_on_cpu, tfds_adapter, transforms
 from mrcnn_jax.data.validation import DataError
+from mrcnn_jax.models.conventions import Conventions   # pure Python: the model's input format
 
 tf = tensorflow_on_cpu()
 log = logging.getLogger(__name__)
@@ -185,7 +190,8 @@ class InputPipeline:
         self._cdf = _bucket_cdf(data, len(self._canvases))
         self._check_canvas(data, config.model)
         self._options = transforms.PreprocessOptions.from_config(
-            data, self.metadata, train=self._train, with_masks=bool(config.model.mask_on),
+            data, self.metadata, conventions=Conventions.from_config(config.model.conventions),
+            train=self._train, with_masks=bool(config.model.mask_on),
             with_keypoints=bool(data.keypoints))
         self._keys = _derive_keys(self.seed)
         self.stats = {'instances_dropped': 0, 'images_with_dropped_instances': 0,
