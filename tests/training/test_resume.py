@@ -4,6 +4,12 @@
 waits for pending checkpoint writes and SIGKILLs itself (loop.py's MRCNN_JAX_SIGKILL_AFTER_STEP
 hook), so step 4's work is lost. The rerun on the same workdir must resume from step 3, see the
 same batches (data iterator position restored) and end bit-identical to the straight run (CPU).
+
+The straight run and the killed one are also two fresh runs of the same config and seed: up to
+step 3 they must agree bit for bit (the default data order is deterministic; with
+`data.deterministic=False` tf.data's parallel maps reorder elements and they do not). Every run
+compiles at XLA's default optimization level, as `mrcnn-jax train` does for a user, not at the
+-O0 of the other training tests.
 """
 
 from __future__ import annotations
@@ -22,15 +28,26 @@ LINE = re.compile(r'^step (\d+)/(\d+) \| (loss [^|]*)\| lr ([0-9.e+-]+) \| ([0-9
                   r'([0-9.]+) img/s \| ETA (\S+)(?: \(first step: includes compilation\))?$', re.M)
 
 
+# Eight parallel calls per map stage instead of AUTOTUNE (which starts low and stays low behind a
+# slow consumer such as a train step): several elements are in flight from the first batch on, so
+# without a deterministic order the runs would see other batches within the first steps.
+PARALLEL_CALLS = 8
+
+
 def _args(workdir, data):
     return ['-m', 'mrcnn_jax.cli', 'train', '--config', str(th.TINY), '--workdir', str(workdir),
             *th.cli_overrides(data, f'train.steps={STEPS}', f'train.checkpoint_every={EVERY}',
-                              'train.log_every=1', 'train.batch_size=2')]
+                              'train.log_every=1', 'train.batch_size=2',
+                              f'data.num_parallel_calls={PARALLEL_CALLS}')]
 
 
 def _progress(stdout: str) -> dict[int, tuple]:
     """{step: (loss text with every term, lr)} from the progress lines."""
     return {int(m.group(1)): (m.group(3).strip(), m.group(4)) for m in LINE.finditer(stdout)}
+
+
+def _env(cache, **extra):
+    return th.subprocess_env(cache, fast_compile=False, **extra)
 
 
 @pytest.fixture(scope='module')
@@ -40,13 +57,13 @@ def runs(tmp_path_factory):
     resumed_dir = tmp_path_factory.mktemp('resumed')
     # the straight run and the run to be killed side by side (2 cores), then the rerun
     straight, killed = th.run_concurrently([
-        (_args(straight_dir, data), th.subprocess_env(cache)),
-        (_args(resumed_dir, data), th.subprocess_env(cache, MRCNN_JAX_SIGKILL_AFTER_STEP=str(KILL_AFTER))),
+        (_args(straight_dir, data), _env(cache)),
+        (_args(resumed_dir, data), _env(cache, MRCNN_JAX_SIGKILL_AFTER_STEP=str(KILL_AFTER))),
     ])
     assert straight.returncode == 0, th.tail(straight)
     ckpts_after_kill = sorted(int(p.name) for p in (resumed_dir / 'checkpoints').iterdir()
                               if p.name.isdigit())
-    resumed = th.run(_args(resumed_dir, data), th.subprocess_env(cache), timeout=900)
+    resumed = th.run(_args(resumed_dir, data), _env(cache), timeout=900)
     assert resumed.returncode == 0, th.tail(resumed)
     return {'straight': straight, 'killed': killed, 'resumed': resumed, 'ckpts_after_kill': ckpts_after_kill,
             'straight_dir': straight_dir, 'resumed_dir': resumed_dir}
@@ -59,6 +76,20 @@ def test_kill_is_a_real_sigkill_after_step_4_with_checkpoint_3_on_disk(runs):
     assert steps == [1, 2, 3, 4], th.tail(killed)      # step 4 ran, and nothing after it
     assert 'starting from scratch' in killed.stdout
     assert runs['ckpts_after_kill'] == [3]              # step 4 was never saved
+
+
+def test_two_fresh_runs_are_bit_identical(runs):
+    """Same config, same seed, data.deterministic at its default: the same batches in the same
+    order however many elements the parallel maps have in flight, so the same losses at every
+    step and the same state in the step-3 checkpoints, bit for bit."""
+    straight, killed = _progress(runs['straight'].stdout), _progress(runs['killed'].stdout)
+    for s in range(1, KILL_AFTER + 1):
+        assert killed[s] == straight[s], (s, killed[s], straight[s])
+    a = th.restore_state(runs['straight_dir'] / 'checkpoints' / str(EVERY) / 'state')
+    b = th.restore_state(runs['resumed_dir'] / 'checkpoints' / str(EVERY) / 'state')
+    assert a.keys() == b.keys() and int(a['step']) == EVERY
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, f'{len(differ)} of {len(a)} arrays differ, e.g. {differ[:3]}'
 
 
 def test_rerun_resumes_from_step_3(runs):

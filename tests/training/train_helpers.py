@@ -4,9 +4,12 @@ Every test here trains the same model with the same optimizer settings (`OVERRID
 configs/tiny_test.py) in subprocesses (the device count is fixed when jax starts) that share one
 persistent compilation cache per pytest session (`shared_dirs`): a process with the same device
 topology and flags reuses what another compiled (e.g. the float32 batch-2 step of the three
-`mrcnn-jax train` runs of test_resume.py and of the train_worker.py `train-step` run). A compile
-of the tiny train step costs ~25-40 s on a 2-core CPU at -O0, a cache hit a few seconds. Tests
-are correct without the cache (a file run alone just compiles more).
+`mrcnn-jax train` runs of test_resume.py). A compile of the tiny train step costs ~25-40 s on a
+2-core CPU at -O0, a cache hit a few seconds. Tests are correct without the cache (a file run
+alone just compiles more).
+
+The data settings are the defaults' (`data.deterministic` included): the runs that must agree
+bit for bit (test_resume.py) rely on the same element order as a user's run.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ OVERRIDES = (
     'train.decay_steps=()',
     'train.weight_decay=0.0001',
     'train.clip_norm=0.0',
-    'data.deterministic=True',
     'data.synthetic_num_train=16',
     'data.synthetic_num_val=8',
     'data.synthetic_image_size=128',
@@ -69,15 +71,20 @@ def cli_overrides(synthetic_dir, *extra: str) -> list[str]:
     return [f'--config.{o}' for o in overrides(synthetic_dir, *extra)]
 
 
-# Subprocesses compile with LLVM at -O0: about half the compile time of the default (-O2) for
-# ~1.4x the step time, a good trade for tests that run few steps. Every process that must compute
-# bit-identical results (resume) or share the compilation cache uses the same flags.
+# Subprocesses compile with LLVM at -O0 by default: about half the compile time of the default
+# (-O2) for ~1.4x the step time, a good trade for tests that run few steps. Every process that
+# must compute bit-identical results or share the compilation cache uses the same flags. The
+# resume test compiles at XLA's default level (fast_compile=False), the one users train with.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
-def subprocess_env(cache_dir, devices: int = 0, **extra: str) -> dict:
-    """Environment of a test subprocess: CPU only, the shared compilation cache, -O0 compiles,
-    `devices` virtual CPU devices (0: jax's default, one)."""
+def subprocess_env(cache_dir, devices: int = 0, fast_compile: bool = True, **extra: str) -> dict:
+    """Environment of a test subprocess: CPU only, the shared compilation cache, -O0 compiles
+    (XLA's default optimization level with fast_compile=False), `devices` virtual CPU devices
+    (0: jax's default, one)."""
+    flags = [FAST_COMPILE] if fast_compile else []
+    if devices:
+        flags.append(f'--xla_force_host_platform_device_count={devices}')
     env = dict(os.environ)
     for k in ('XLA_FLAGS', 'JAX_PLATFORMS', 'MRCNN_JAX_SIGKILL_AFTER_STEP', 'JAX_COORDINATOR_ADDRESS',
               'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
@@ -91,7 +98,7 @@ def subprocess_env(cache_dir, devices: int = 0, **extra: str) -> dict:
         'TF_CPP_MIN_LOG_LEVEL': '2',
         'PYTHONPATH': os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep),
         'PYTHONUNBUFFERED': '1',
-        'XLA_FLAGS': FAST_COMPILE + (f' --xla_force_host_platform_device_count={devices}' if devices else ''),
+        'XLA_FLAGS': ' '.join(flags),
     })
     env.update(extra)
     return env

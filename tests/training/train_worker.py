@@ -43,7 +43,7 @@ def _setup(synthetic_dir, batch: int, *extra: str):
     variables = jax.device_get(init_variables(model, cfg, jax.random.PRNGKey(cfg.seed)))
     tx = optimizer.build_optimizer(cfg.train, variables['params'], cfg.model.backbone.frozen_stages)
     rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
-    return cfg, model, variables, tx, rng, losses.make_loss_fn(model, cfg.model)
+    return cfg, model, variables, tx, rng, losses.make_loss_fn(model, losses.LossSettings.from_config(cfg.model))
 
 
 def _batches(cfg, n: int) -> list[dict]:
@@ -237,7 +237,7 @@ def train_step(args) -> None:
     s32, m32 = run(fresh(), batches[0])
     cfg16 = th.config(args.synthetic_dir, f'train.batch_size={args.batch}', 'model.dtype=bfloat16')
     model16 = build_model(cfg16.model)
-    step16 = ts.make_train_step(losses.make_loss_fn(model16, cfg16.model), tx, mesh, frozen=frozen)
+    step16 = ts.make_train_step(losses.make_loss_fn(model16, losses.LossSettings.from_config(cfg16.model)), tx, mesh, frozen=frozen)
     s16, m16 = step16(fresh(), ts.shard_batch(batches[0], mesh))
     p16, p32 = th.flat(jax.device_get(s16.params)), th.flat(jax.device_get(s32.params))
     d16 = np.concatenate([(p16[k] - p0[k]).ravel() for k in p0])
