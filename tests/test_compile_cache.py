@@ -71,11 +71,10 @@ def test_second_predict_reads_compiled_programs_from_the_cache(tiny_model):
     cache = tiny_model / 'jax_cache'
     first, proc = _predict(tiny_model, cache)
     entries = sorted(p.name for p in cache.iterdir())
-    assert first['cache_hits'] == 0 and first['compiles'] >= 3 and len(entries) >= 1
+    assert first['cache_hits'] == 0 and first['compiles'] >= 3 and len(entries) >= 3
     second, _ = _predict(tiny_model, cache)
-    # The programs over the cache's 0.5 s threshold (for this tiny model, the model itself) come
-    # from the cache; what still compiles is the small rest.
-    assert second['cache_hits'] >= len(entries)
+    # Every program comes from the cache (the CLI keeps programs of any compile time).
+    assert second['cache_hits'] >= first['compiles'] and len(entries) >= first['compiles']
     assert second['compile_s'] < 0.2 * first['compile_s'], (first, second)
     assert sorted(p.name for p in cache.iterdir()) == entries
     # And no TensorFlow/absl start-up lines in what the user sees.
