@@ -1,4 +1,4 @@
-"""Mask R-CNN R50-FPN with torchvision semantics (`maskrcnn_resnet50_fpn`, v1 COCO weights).
+"""Mask R-CNN R50-FPN with torchvision's conventions (`maskrcnn_resnet50_fpn`, v1 COCO weights).
 
 Evaluate converted torchvision weights with it (`mrcnn-jax convert` writes this config), or
 fine-tune: `mrcnn-jax train --config configs/maskrcnn_r50_fpn_torchvision.py --workdir W

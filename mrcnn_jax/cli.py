@@ -33,18 +33,23 @@ def default_compilation_cache_dir() -> pathlib.Path:
 
 def enable_compilation_cache(disabled: bool = False) -> str | None:
     """Turn on JAX's persistent compilation cache (see the module docstring); returns its folder
-    or None when off. Every program is kept, the small ones too: for the tiny shapes model the
-    resize, paste and postprocessing programs are 0.4 s of the 6 s that a predict spends
-    compiling, and their files take a few hundred KB."""
+    or None when off. Every program is kept, the small ones too (unless the user set
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS): for the tiny shapes model the resize, paste and
+    postprocessing programs are 0.4 s of the 6 s that a predict spends compiling. The cache is
+    capped at 4 GiB (least recently used entries go first; the cap also makes JAX lock entries,
+    so processes sharing the folder never read a half-written one)."""
     setting = os.environ.get(COMPILATION_CACHE_ENV, '').strip()
     if disabled or setting.lower() in ('0', 'off', 'false', 'no'):
         return None
     import jax
     if jax.config.jax_compilation_cache_dir:         # the user's own JAX_COMPILATION_CACHE_DIR
         return jax.config.jax_compilation_cache_dir
-    path = setting or str(default_compilation_cache_dir())
+    path = str(default_compilation_cache_dir()) if setting.lower() in ('', '1', 'on', 'true', 'yes') else setting
     jax.config.update('jax_compilation_cache_dir', path)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    if 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS' not in os.environ:
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:
+        jax.config.update('jax_compilation_cache_max_size', 4 << 30)
     return path
 
 
@@ -64,10 +69,13 @@ def load_predictor(checkpoint, config_path=None, overrides=(), **kwargs):
     path = pathlib.Path(checkpoint)
     cfg = load_config(config_path, overrides) if config_path else None
     if path.is_file() and path.suffix in ('.pth', '.pt'):
-        p = Predictor.from_torchvision(str(path), **kwargs)
+        # The model section comes from the weights; data and eval from --config, then overrides.
+        p = Predictor.from_torchvision(str(path))
+        merged = p.config
         if cfg is not None:
-            p.config.data = cfg.data
-        return p
+            merged.data, merged.eval = cfg.data, cfg.eval
+        apply_overrides(merged, overrides)
+        return Predictor(merged, p.variables, label_ids=p.label_ids, class_names=p.class_names, **kwargs)
     if not path.exists():
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     if (path / 'model' / 'config.json').exists():
@@ -218,11 +226,13 @@ def _cmd_demo(args, overrides) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='mrcnn-jax', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--no-compile-cache', action='store_true',
-                    help=f'do not use the persistent compilation cache (also: {COMPILATION_CACHE_ENV}=0)')
+    cache_help = f'do not use the persistent compilation cache (also: {COMPILATION_CACHE_ENV}=0)'
+    ap.add_argument('--no-compile-cache', dest='no_cache_first', action='store_true', help=cache_help)
+    common = argparse.ArgumentParser(add_help=False)       # also accepted after the subcommand
+    common.add_argument('--no-compile-cache', action='store_true', help=cache_help)
     sub = ap.add_subparsers(dest='command', required=True)
 
-    c = sub.add_parser('convert', help='convert torchvision weights to a model directory')
+    c = sub.add_parser('convert', parents=[common], help='convert torchvision weights to a model directory')
     c.add_argument('--from', dest='source', default='torchvision', choices=['torchvision'])
     c.add_argument('input', help='.pth state_dict (maskrcnn_/fasterrcnn_resnet50_fpn, current or legacy keys)')
     c.add_argument('output', help='output model directory')
@@ -233,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--max-size', type=int, default=1333)
     c.set_defaults(func=_cmd_convert)
 
-    t = sub.add_parser('train', help='train (resumes from the workdir\'s latest checkpoint)')
+    t = sub.add_parser('train', parents=[common], help='train (resumes from the workdir\'s latest checkpoint)')
     t.add_argument('--config', required=True)
     t.add_argument('--workdir', required=True)
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser('eval', help='COCO evaluation of a checkpoint on a dataset')
+    e = sub.add_parser('eval', parents=[common], help='COCO evaluation of a checkpoint on a dataset')
     e.add_argument('--checkpoint', required=True, help='model directory, training workdir or .pth')
     e.add_argument('--config', help='config file (default: the checkpoint\'s own)')
     e.add_argument('--annotations', help='COCO instances json (default: the config\'s val split)')
@@ -249,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--backend', choices=['pycocotools', 'faster_coco_eval'], default=None)
     e.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser('predict', help='overlay PNG + instances JSON per image')
+    p = sub.add_parser('predict', parents=[common], help='overlay PNG + instances JSON per image')
     p.add_argument('images', nargs='+', help='image files or folders')
     p.add_argument('--checkpoint', required=True)
     p.add_argument('--config')
@@ -258,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=1)
     p.set_defaults(func=_cmd_predict)
 
-    x = sub.add_parser('export', help='serialize inference with jax.export (StableHLO)')
+    x = sub.add_parser('export', parents=[common], help='serialize inference with jax.export (StableHLO)')
     x.add_argument('--checkpoint', required=True)
     x.add_argument('--config')
     x.add_argument('--out', required=True)
@@ -274,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('rest', nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_benchmark)
 
-    m = sub.add_parser('demo', help='synthetic shapes: generate, train, evaluate, draw')
+    m = sub.add_parser('demo', parents=[common], help='synthetic shapes: generate, train, evaluate, draw')
     m.add_argument('--workdir', default='demo_out')
     m.set_defaults(func=_cmd_demo)
     return ap
@@ -292,8 +302,8 @@ def main(argv=None) -> int:
     if overrides and args.command not in ('train', 'eval', 'predict', 'export', 'demo'):
         print(f'--config.* overrides are not used by {args.command}', file=sys.stderr)
         return 2
-    if args.command != 'data':
-        enable_compilation_cache(args.no_compile_cache)
+    if args.command not in ('data', 'benchmark'):       # the benchmark measures compilation
+        enable_compilation_cache(args.no_cache_first or args.no_compile_cache)
     if args.command == 'data':
         return args.func(args)
     return args.func(args, overrides)

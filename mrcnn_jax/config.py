@@ -181,6 +181,43 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields that moved into model.conventions (models/conventions.py): old path -> (field, value map).
+LEGACY_CONVENTION_KEYS = {
+    ('model', 'semantics'): ('name', None),
+    ('model', 'backbone', 'stride_in_1x1'): ('stride_in_1x1', None),
+    ('model', 'rpn', 'loss_type'): ('rpn_loss_type', None),
+    ('model', 'rpn', 'smooth_l1_beta'): ('rpn_smooth_l1_beta', None),
+    ('model', 'roi', 'box_loss_type'): ('box_loss_type', None),
+    ('model', 'roi', 'smooth_l1_beta'): ('box_smooth_l1_beta', None),
+    ('model', 'roi', 'soft_mask_targets'): ('mask_targets', {True: 'soft', False: 'hard'}),
+    ('model', 'roi', 'sampling_ratio'): ('sampling_ratio', None),
+    ('data', 'resize_rule'): ('resize_rule', {'torchvision': 'floor', 'detectron2': 'round'}),
+    ('data', 'resize_antialias'): ('resize_antialias', None),
+    ('data', 'channel_order'): ('channel_order', None),
+    ('data', 'pixel_scale'): ('pixel_scale', None),
+    ('data', 'pixel_mean'): ('pixel_mean', None),
+    ('data', 'pixel_std'): ('pixel_std', None),
+}
+
+
+def check_schema(config: ml_collections.ConfigDict, source: str = 'config') -> None:
+    """Raise KeyError naming every field of `config` that the schema does not have (a config file
+    that sets `model.semantics` or a typo would otherwise add a field nothing reads)."""
+    def unknown(node, ref, prefix):
+        for k in node.keys():
+            path = prefix + (k,)
+            if k not in ref:
+                yield path
+            elif isinstance(ref[k], ml_collections.ConfigDict) and isinstance(node[k], ml_collections.ConfigDict):
+                yield from unknown(node[k], ref[k], path)
+    bad = list(unknown(config, default_config(), ()))
+    if bad:
+        def hint(path):
+            moved = LEGACY_CONVENTION_KEYS.get(path)
+            return '.'.join(path) + (f' (now model.conventions.{moved[0]})' if moved else '')
+        raise KeyError(f'{source}: unknown config field(s): ' + ', '.join(hint(p) for p in bad))
+
+
 def _parse_value(text: str, current):
     import ast
     low = text.strip().lower()
@@ -216,17 +253,23 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
             node = node[name]
         if leaf not in node:
             raise KeyError(f'unknown config field {key!r}')
+        current = node[leaf]
+        if current is None and parents == ['model', 'conventions'] and leaf != 'name':
+            # None means "the preset's value": parse as the field's type (a bool stays a bool).
+            current = getattr(conventions_lib.TORCHVISION, leaf)
         with node.ignore_type():
-            node[leaf] = _parse_value(text, node[leaf])
+            node[leaf] = _parse_value(text, current)
     return config
 
 
 def load_config(path, overrides=()) -> ml_collections.ConfigDict:
-    """A config file (Python, `get_config()` -> ConfigDict) with overrides applied.
+    """A config file (Python, `get_config()` -> ConfigDict) with overrides applied; fields the
+    schema does not have are errors.
 
     A file inside a package (a folder with `__init__.py`, such as the repository's `configs/`) is
     imported as a module of that package (`configs.shapes_demo`), so configs build on each other
-    with plain imports (`from configs import shapes_tiny`); any other file is loaded by path.
+    with plain imports (`from configs import shapes_tiny`); any other file is loaded by path. A
+    file loaded again in the same process is re-executed (an edited config takes effect).
     """
     import importlib
     import importlib.util
@@ -242,16 +285,27 @@ def load_config(path, overrides=()) -> ml_collections.ConfigDict:
         parts.insert(0, root.name)
         root = root.parent
     if len(parts) > 1:
-        if str(root) not in sys.path:
+        top = sys.modules.get(parts[0])
+        if top is not None and str(root / parts[0]) not in [str(pathlib.Path(p).resolve())
+                                                            for p in getattr(top, '__path__', [])]:
+            raise ImportError(f'{path}: another package named {parts[0]!r} is already imported '
+                              f'(from {list(getattr(top, "__path__", []))})')
+        added = str(root) not in sys.path
+        if added:
             sys.path.insert(0, str(root))
-        module = importlib.import_module('.'.join(parts))
-        if pathlib.Path(module.__file__).resolve() != file:
-            raise ImportError(f'{path}: module {".".join(parts)} resolves to {module.__file__} (another '
-                              f'package of that name comes first on sys.path)')
+        try:
+            name = '.'.join(parts)
+            module = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+            config = module.get_config() if hasattr(module, 'get_config') else None
+        finally:
+            if added:
+                sys.path.remove(str(root))
     else:
         spec = importlib.util.spec_from_file_location(f'_mrcnn_config_{abs(hash(str(file)))}', file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    if not hasattr(module, 'get_config'):
+        config = module.get_config() if hasattr(module, 'get_config') else None
+    if config is None:
         raise AttributeError(f'{path} has no get_config()')
-    return apply_overrides(module.get_config(), overrides)
+    check_schema(config, str(path))
+    return apply_overrides(config, overrides)

@@ -73,13 +73,15 @@ def _out_desc(exported) -> dict[str, Any]:
 
 
 def load_exported(path) -> Callable[[Any, Any], dict]:
-    """Deserialize OUT/model.stablehlo and its weights; returns f(images, image_info) -> outputs."""
-    from mrcnn_jax.model_dir import load_model_dir
+    """Deserialize OUT/model.stablehlo and its weights; returns f(images, image_info) -> outputs.
+
+    The weights are taken as saved, in the layout the serialized program was traced with (an
+    export from before the RoI heads were grouped keeps its flat variables)."""
+    from mrcnn_jax.model_dir import restore_variables
 
     path = pathlib.Path(path)
     exported = jax_export.deserialize(bytearray((path / 'model.stablehlo').read_bytes()))
-    _, variables, _ = load_model_dir(path)
-    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    variables = jax.tree_util.tree_map(jnp.asarray, restore_variables(path))
 
     def f(images, image_info):
         return exported.call(variables, jnp.asarray(images, jnp.float32), jnp.asarray(image_info, jnp.float32))

@@ -22,29 +22,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from mrcnn_jax.config import default_config
+from mrcnn_jax.config import LEGACY_CONVENTION_KEYS, default_config
 
 
 class CheckpointMismatchError(ValueError):
     """The saved variables do not fit the configured model (message names the differences)."""
 
 
-# Legacy config keys -> (conventions field, value map). Older files stored each explicitly.
-_LEGACY_CONVENTION_KEYS = {
-    ('model', 'backbone', 'stride_in_1x1'): ('stride_in_1x1', None),
-    ('model', 'rpn', 'loss_type'): ('rpn_loss_type', None),
-    ('model', 'rpn', 'smooth_l1_beta'): ('rpn_smooth_l1_beta', None),
-    ('model', 'roi', 'box_loss_type'): ('box_loss_type', None),
-    ('model', 'roi', 'smooth_l1_beta'): ('box_smooth_l1_beta', None),
-    ('model', 'roi', 'soft_mask_targets'): ('mask_targets', {True: 'soft', False: 'hard'}),
-    ('model', 'roi', 'sampling_ratio'): ('sampling_ratio', None),
-    ('data', 'resize_rule'): ('resize_rule', {'torchvision': 'floor', 'detectron2': 'round'}),
-    ('data', 'resize_antialias'): ('resize_antialias', None),
-    ('data', 'channel_order'): ('channel_order', None),
-    ('data', 'pixel_scale'): ('pixel_scale', None),
-    ('data', 'pixel_mean'): ('pixel_mean', None),
-    ('data', 'pixel_std'): ('pixel_std', None),
-}
+# What an old `model.semantics` name meant, where today's preset of that name differs (the old
+# 'detectron2' added the level eps after the log, normalized the RPN loss as torchvision and kept
+# the background first).
+_LEGACY_MEANING = {'detectron2': {'level_eps_in_log': False, 'rpn_loss_normalizer': 'sampled',
+                                  'class_layout': 'background_first'}}
 
 
 def migrate_legacy_config(saved: dict) -> dict:
@@ -57,7 +46,10 @@ def migrate_legacy_config(saved: dict) -> dict:
     group = model.setdefault('conventions', {})
     group['name'] = model.pop('semantics')
     base = preset(group['name'])
-    for path, (field, values) in _LEGACY_CONVENTION_KEYS.items():
+    group.update(_LEGACY_MEANING.get(group['name'], {}))
+    for path, (field, values) in LEGACY_CONVENTION_KEYS.items():
+        if path == ('model', 'semantics'):
+            continue
         node = saved
         for name in path[:-1]:
             node = node.get(name, {})
@@ -139,7 +131,6 @@ def check_variables(expected: Any, actual: Any) -> None:
 def load_model_dir(path, config: ml_collections.ConfigDict | None = None):
     """-> (config, variables as numpy, metadata). `config` overrides the saved one (its model
     must match the saved variables, else CheckpointMismatchError)."""
-    import orbax.checkpoint as ocp
     from mrcnn_jax.models.mask_rcnn import abstract_variables
 
     path = pathlib.Path(path).absolute()
@@ -148,8 +139,15 @@ def load_model_dir(path, config: ml_collections.ConfigDict | None = None):
     cfg = config if config is not None else config_from_json((path / 'config.json').read_text())
     meta_path = path / 'metadata.json'
     metadata = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    with ocp.StandardCheckpointer() as ckptr:
-        raw = ckptr.restore(path / 'variables')
-    raw = migrate_legacy_variables(jax.tree_util.tree_map(np.asarray, raw))
+    raw = migrate_legacy_variables(restore_variables(path))
     check_variables(abstract_variables(cfg.model), raw)
     return cfg, raw, metadata
+
+
+def restore_variables(path) -> dict:
+    """DIR/variables as saved (numpy), without migration or validation."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        raw = ckptr.restore(pathlib.Path(path).absolute() / 'variables')
+    return jax.tree_util.tree_map(np.asarray, raw)

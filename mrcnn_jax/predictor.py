@@ -13,9 +13,8 @@ test_max_size), placed on the smallest canvas bucket that holds it and run throu
 program per (bucket, batch size); images of other sizes in the same bucket reuse it.
 
 One batched-inference path, for a few images and for a dataset: `predict_iter` streams (key,
-image) pairs through batches of `batch_size` per bucket, sharded over a device mesh (default: all
-local devices, `training.train_step.make_mesh`; the batch is rounded up to a multiple of the
-devices), and yields results as batches finish; `__call__` collects them in order. COCO
+image) pairs through batches of `batch_size` per bucket, sharded over a device mesh, and yields
+results as batches finish; `__call__` collects them in order. COCO
 evaluation (`evaluation/inference.py`) and the `predict` CLI use it.
 
 Images are processed independently: torchvision's batched inference pads every image to the
@@ -35,6 +34,7 @@ drawing use them): thresholded where they are pasted, a quarter of the bytes to 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -65,6 +65,10 @@ class Predictor:
                  max_device_paste_bytes: int = 2 ** 30, mask_threshold: float | None = None):
         self.config = config
         self.conventions = Conventions.from_config(config.model.conventions)
+        if self.conventions.resize_antialias:
+            log.warning('model.conventions.resize_antialias is set (%s resizes with PIL, antialiased when '
+                        'shrinking), but the Predictor resizes without antialiasing: images it shrinks '
+                        'differ slightly from the reference\'s', self.conventions.name)
         self.model = build_model(config.model)
         k = config.model.num_classes
         self.label_ids = np.asarray(label_ids if label_ids is not None else np.arange(k), np.int64)
@@ -73,10 +77,9 @@ class Predictor:
         self.buckets = [tuple(b) for b in (buckets or d.test_buckets or
                                            preprocess.default_buckets(d.test_min_size, d.test_max_size,
                                                                       config.model.size_divisible))]
-        self.mesh = mesh if mesh is not None else make_mesh(jax.local_devices())
-        self.batch_size = batch_size
-        self._data = batch_sharding(self.mesh)
-        self._rep = replicated(self.mesh)
+        self._own_mesh = mesh
+        self._variables = None
+        self.batch_size = batch_size             # chooses the mesh (see the setter)
         self.variables = variables
         self.paste = paste
         self.on_device = on_device
@@ -96,11 +99,25 @@ class Predictor:
 
     @batch_size.setter
     def batch_size(self, n: int):
-        devices = self.mesh.devices.size
-        self._batch_size = max(int(n), 1)
-        if self._batch_size % devices:
-            self._batch_size = -(-self._batch_size // devices) * devices
-            log.info('inference batch rounded up to %d (a multiple of %d devices)', self._batch_size, devices)
+        """Without a mesh of the caller's, the batch is split over as many local devices as divide
+        it (`training.train_step.make_mesh`): batch 1 runs on one device, batch 8 on 8 GPUs; a
+        given mesh keeps its devices and the batch is rounded up to a multiple of them."""
+        n = max(int(n), 1)
+        if self._own_mesh is not None:
+            self.mesh = self._own_mesh
+            devices = self.mesh.devices.size
+            if n % devices:
+                log.info('inference batch rounded up to %d (a multiple of %d devices)', -(-n // devices) * devices,
+                         devices)
+                n = -(-n // devices) * devices
+        else:
+            local = jax.local_devices()
+            self.mesh = make_mesh(local[:math.gcd(n, len(local))])
+        self._batch_size = n
+        self._data = batch_sharding(self.mesh)
+        self._rep = replicated(self.mesh)
+        if self._variables is not None:
+            self.variables = self._variables     # onto the new mesh
 
     @property
     def variables(self):

@@ -86,19 +86,23 @@ import json, sys
 import jax
 from mrcnn_jax import cli
 args = cli.build_parser().parse_args(sys.argv[1:])
-print(json.dumps({'flag': args.no_compile_cache, 'dir': cli.enable_compilation_cache(args.no_compile_cache),
+print(json.dumps({'dir': cli.enable_compilation_cache(args.no_compile_cache),
                   'jax': jax.config.jax_compilation_cache_dir}))
 '''
 
 
-@pytest.mark.parametrize('flags, setting, on', [
-    ((), 'CACHE', True), (('--no-compile-cache',), 'CACHE', False), ((), '0', False)])
-def test_cache_can_be_turned_off(tmp_path, flags, setting, on):
+@pytest.mark.parametrize('before, after, setting, expected', [
+    ((), (), 'DIR', 'DIR'), (('--no-compile-cache',), (), 'DIR', None), ((), ('--no-compile-cache',), 'DIR', None),
+    ((), (), '0', None), ((), (), 'true', 'DEFAULT'), ((), (), '', 'DEFAULT')])
+def test_cache_folder_and_turning_it_off(tmp_path, before, after, setting, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith('JAX_COMPILATION_CACHE')}
-    env['MRCNN_JAX_COMPILATION_CACHE'] = str(tmp_path / 'c') if setting == 'CACHE' else setting
-    proc = subprocess.run([sys.executable, '-c', CHECK, *flags, 'export', '--checkpoint', 'x', '--out', 'y'],
+    env['MRCNN_JAX_COMPILATION_CACHE'] = str(tmp_path / 'c') if setting == 'DIR' else setting
+    env['XDG_CACHE_HOME'] = str(tmp_path / 'xdg')
+    check = CHECK.replace('args.no_compile_cache', 'args.no_cache_first or args.no_compile_cache')
+    proc = subprocess.run([sys.executable, '-c', check, *before, 'export', '--checkpoint', 'x', '--out', 'y', *after],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    expected = str(tmp_path / 'c') if on else None
+    expected = {'DIR': str(tmp_path / 'c'), 'DEFAULT': str(tmp_path / 'xdg' / 'mrcnn_jax' / 'jax_cache'),
+                None: None}[expected]
     assert out['dir'] == expected and out['jax'] == expected

@@ -339,13 +339,17 @@ from mrcnn_jax.training.train_step import make_mesh
 path, images_file = sys.argv[1], sys.argv[2]
 images = dict(np.load(images_file))
 buckets = [(96, 128)]
-many = Predictor.from_checkpoint(path, buckets=buckets, batch_size=3)     # all 4 devices
-one = Predictor.from_checkpoint(path, buckets=buckets, mesh=make_mesh(jax.devices()[:1]))
+many = Predictor.from_checkpoint(path, buckets=buckets, batch_size=4)     # all 4 devices
+one = Predictor.from_checkpoint(path, buckets=buckets)                    # batch 1: one device
+given = Predictor(many.config, many.variables, buckets=buckets, batch_size=3, mesh=make_mesh(jax.devices()[:2]))
+two = Predictor(many.config, many.variables, buckets=buckets, batch_size=6)
 keys = sorted(images)
 got = dict(many.predict_iter((k, images[k]) for k in keys))
 ref = dict(zip(keys, one([images[k] for k in keys])))
 x = many._shard(np.zeros((many.batch_size, 96, 128, 3), np.float32))
 report = {'devices': many.mesh.devices.size, 'batch_size': many.batch_size,
+          'one': [one.mesh.devices.size, one.batch_size], 'given': [given.mesh.devices.size, given.batch_size],
+          'six': [two.mesh.devices.size, two.batch_size],
           'input_shards': len(x.sharding.device_set),
           'variables_replicated': all(a.sharding.is_fully_replicated and len(a.sharding.device_set) == 4
                                       for a in jax.tree_util.tree_leaves(many.variables)),
@@ -361,9 +365,9 @@ print(json.dumps(report))
 
 
 def test_predictor_over_a_mesh_equals_one_device(predictor, tmp_path):
-    """One inference path for every device count: a Predictor on a 4-device mesh (virtual CPU
-    devices, in a subprocess) shards each batch over the devices, rounds its batch up to a
-    multiple of them, and gives the results of a one-device Predictor."""
+    """One inference path for every device count: a Predictor with batch 4 on a 4-device host
+    (virtual CPU devices, in a subprocess) shards each batch over the devices and gives the
+    results of a batch-1 Predictor, which stays on one device."""
     import json
     import subprocess
     import sys
@@ -386,6 +390,8 @@ def test_predictor_over_a_mesh_equals_one_device(predictor, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report['devices'] == 4 and report['batch_size'] == 4
+    # Batch 1 stays on one device; a given mesh rounds the batch up; batch 6 uses gcd(6, 4) = 2.
+    assert report['one'] == [1, 1] and report['given'] == [2, 4] and report['six'] == [2, 6]
     assert report['input_shards'] == 4 and report['variables_replicated']
     assert min(report['detections'].values()) > 0
     # Same program per image, split over devices: equal up to float32 reassociation.

@@ -263,7 +263,7 @@ def letterbox(sample: Sample, size: int) -> Sample:
 
 
 # -- micro-benchmarks: inputs from a seeded numpy generator, shared by both sides ---------------
-POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)   # models.poolers.FPN_SCALES; not imported (this module imports no JAX)
 
 
 def random_boxes(rng: np.random.Generator, n: int, hw: tuple[int, int], min_side: float = 8,

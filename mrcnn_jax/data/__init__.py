@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
+import threading
 import types
 
 # Lines TensorFlow's C++ start-up writes to stderr whatever TF_CPP_MIN_LOG_LEVEL says (absl is
@@ -35,31 +35,40 @@ TF_STARTUP_NOISE = (
 )
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _filtered_stderr(noise=TF_STARTUP_NOISE):
-    """Captures file descriptor 2 (where C++ libraries write) and passes on every line that
-    contains none of `noise`: real warnings during the block still show, after it."""
+    """Routes file descriptor 2 (where C++ libraries write) through a pipe for the block and
+    passes on, as they arrive, the lines that contain none of `noise`: real warnings and errors
+    still show, also when the block aborts the process."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):   # no real stderr (e.g. captured by a test)
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile(mode='w+b') as capture:
-        os.dup2(capture.fileno(), fd)
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved = os.dup(fd)
+        read_end, write_end = os.pipe()
+
+        def forward():
+            with os.fdopen(read_end, 'rb') as pipe:
+                for line in pipe:
+                    if not any(n.encode() in line for n in noise):
+                        os.write(saved, line)
+        reader = threading.Thread(target=forward, name='stderr-filter', daemon=True)
+        reader.start()
+        os.dup2(write_end, fd)
+        os.close(write_end)
         try:
             yield
         finally:
             sys.stderr.flush()
-            os.dup2(saved, fd)
+            os.dup2(saved, fd)          # closes the pipe's last write end: the reader drains and ends
+            reader.join()
             os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors='replace').splitlines(keepends=True)
-                    if not any(n in line for n in noise)]
-            if kept:
-                sys.stderr.write(''.join(kept))
-                sys.stderr.flush()
 
 
 def tensorflow_on_cpu() -> types.ModuleType:

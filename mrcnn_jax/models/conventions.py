@@ -4,8 +4,8 @@ A checkpoint reproduces its source only under its source's conventions: the same
 other boxes if RoIAlign samples half a pixel off, anchors are rounded differently or an image is
 resized one pixel larger. Each such difference is a field of `Conventions`; model, data and loss
 code asks the object for the value (`conv.resized_size(...)`, `conv.cell_anchors(...)`,
-`conv.roi_align_aligned`) and never compares reference names. Pure Python (no JAX), so the input
-pipeline reads it too.
+`conv.roi_align_aligned`) and never compares reference names. It imports no JAX (its two helper
+methods import their ops when called), so the input pipeline reads it too.
 
 In a config, `model.conventions` is a group: `name` picks a preset (`TORCHVISION`, `DETECTRON2`)
 and every other field is None ("the preset's value") or an explicit override, e.g. a Detectron2
@@ -20,10 +20,10 @@ pooler sizes, `rpn.min_size`, `roi.min_size`, FrozenBN eps), which live in the c
 their stage, with torchvision's values as defaults.
 
 Class layout: the model always computes with the background at index 0 (class i of K - 1 at
-index i); `class_layout` says how the reference numbers its outputs (Detectron2 puts the background
-last, at index K - 1, and its box and mask predictors have no background rows). Converters permute
-a reference's weights into our layout and label maps use `reference_label`, so model code has one
-layout and no branch.
+index i); `class_layout` records how the reference numbers its outputs (Detectron2 puts the
+background last, at index K - 1, and its box and mask predictors have no background rows). A
+converter of that reference's checkpoints permutes its classifier into our layout and writes the
+label map (Detectron2's: the Detectron2 import, next), so model code has one layout and no branch.
 
 Known differences not modelled yet (Detectron2 checkpoints are not importable yet; its parity
 harness will check them): RPN small-box removal (torchvision keeps sides >= min_size, Detectron2
@@ -124,6 +124,14 @@ class Conventions:
             if getattr(self, field) not in allowed:   # a typo must not silently change numbers
                 raise ValueError(f'conventions {self.name!r}: {field} must be one of {allowed}, '
                                  f'got {getattr(self, field)!r}')
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == 'bool' and not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f'conventions {self.name!r}: {f.name} must be True or False, got {value!r}')
+            if f.type == 'int' and (isinstance(value, bool) or not float(value).is_integer()):
+                raise TypeError(f'conventions {self.name!r}: {f.name} must be an integer, got {value!r}')
+            if f.type in ('bool', 'int', 'float'):
+                object.__setattr__(self, f.name, {'bool': bool, 'int': int, 'float': float}[f.type](value))
         for field in ('pixel_mean', 'pixel_std'):
             value = tuple(float(v) for v in getattr(self, field))
             if len(value) != 3:
@@ -163,14 +171,6 @@ class Conventions:
         """Zero-centred anchors of one level: [A, 4] float32 xyxy, A = len(aspect_ratios)."""
         from mrcnn_jax.ops import anchors
         return anchors.cell_anchors(size, aspect_ratios, rounded=self.anchor_rounding)
-
-    @property
-    def background_last(self) -> bool:
-        return self.class_layout == 'background_last'
-
-    def reference_label(self, label):
-        """Our class index (background 0) -> the reference's (numpy or int)."""
-        return label - 1 if self.background_last else label
 
     def to_config(self) -> dict:
         """This object as a `model.conventions` group with every field explicit."""

@@ -46,8 +46,8 @@ class MaskRCNN(nn.Module):
     fpn: Optional[nn.Module]               # [C2..C5] -> [P2..P6]; None: the backbone's maps
     rpn_head: nn.Module                    # per level objectness + deltas
     roi_heads: nn.Module                   # proposals -> detections (models/roi_heads.py)
-    anchor_generator: AnchorGenerator = AnchorGenerator()
-    rpn_settings: RPNSettings = RPNSettings()
+    anchor_generator: AnchorGenerator
+    rpn_settings: RPNSettings
     size_divisible: int = 32
     mask_padding: bool = True
 

@@ -19,21 +19,22 @@ from mrcnn_jax.ops.roi_align import multilevel_roi_align
 FPN_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)   # RoIs are pooled from P2..P5 (not P6)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RoIPooler:
     """Multi-level RoIAlign of boxes into `output_size` x `output_size` features.
 
     Each box is pooled from one level of `scales` (finest first), chosen by the FPN paper's
-    eq. 1 (`ops.roi_align.box_levels`); with one scale (C4) every box uses that map.
+    eq. 1 (`ops.roi_align.box_levels`); with one scale (C4) every box uses that map. The fields
+    that differ between the references have no default: they come from the conventions.
     """
     output_size: int
+    sampling_ratio: int                    # <= 0: adaptive ceil(roi_size / output_size)
+    aligned: bool
+    level_eps: float
+    level_eps_in_log: bool
     scales: tuple[float, ...] = FPN_SCALES
-    sampling_ratio: int = 2                # <= 0: adaptive ceil(roi_size / output_size)
-    aligned: bool = False
     canonical_scale: float = 224
     canonical_level: int = 4
-    level_eps: float = 1e-6
-    level_eps_in_log: bool = False
     max_sampling_ratio: int = 8            # static bound of the adaptive grid
     method: str = 'gather'                 # or 'einsum' (ops/roi_align.py)
 

@@ -45,9 +45,11 @@ class StandardRoIHeads(nn.Module):
     """
     box_head: nn.Module
     box_predictor: nn.Module
-    mask_head: Optional[nn.Module] = None
-    box_pooler: RoIPooler = RoIPooler(7)
-    mask_pooler: RoIPooler = RoIPooler(14)
+    mask_head: Optional[nn.Module]
+    box_pooler: RoIPooler
+    mask_pooler: RoIPooler
+    # How box deltas are parametrized: decoded here, encoded by the training targets (losses.py
+    # reads this field, so the two always agree).
     box_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     detection: DetectionSettings = DetectionSettings()
     # The mask head takes its RoIs this many at a time and skips chunks without an active RoI
@@ -60,7 +62,7 @@ class StandardRoIHeads(nn.Module):
         r = cfg.roi
 
         def pooler(size):
-            return RoIPooler(size, sampling_ratio=conventions.sampling_ratio,
+            return RoIPooler(output_size=size, sampling_ratio=conventions.sampling_ratio,
                              aligned=conventions.roi_align_aligned, canonical_scale=r.canonical_scale,
                              canonical_level=r.canonical_level, level_eps=conventions.level_eps,
                              level_eps_in_log=conventions.level_eps_in_log,

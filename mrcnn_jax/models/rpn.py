@@ -16,15 +16,15 @@ from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.ops.nms import nms
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AnchorGenerator:
     """One anchor size per feature level (finest first, level `first_level`), every aspect ratio
     (h / w) at each cell; the rounding and stride rules come from the conventions
-    (`ops/anchors.py` explains both references)."""
+    (`ops/anchors.py` explains both references) and have no default."""
+    rounded: bool                          # conventions.anchor_rounding
+    stride_rule: str                       # conventions.anchor_strides
     sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rounded: bool = True                   # conventions.anchor_rounding
-    stride_rule: str = 'padded'            # conventions.anchor_strides
     first_level: int = 2                   # P2 (stride 4)
 
     @property

@@ -57,6 +57,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no checkpoint in {self.directory}')
+        _check_layout(self.directory / str(step))
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
         items = {'state': ocp.args.StandardRestore(abstract)}
         if (self.directory / str(step) / DATA_KEY).exists():
@@ -70,3 +71,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_layout(step_dir: pathlib.Path) -> None:
+    """A training checkpoint written before the RoI heads were grouped under 'roi_heads' (box and
+    mask heads at the top of the params) cannot resume into today's state: say so, and how to
+    go on, instead of orbax's tree-mismatch error."""
+    meta = step_dir / 'state' / '_METADATA'
+    if not meta.exists():
+        return
+    text = meta.read_text()
+    if "('params', 'box_head'," in text:
+        raise ValueError(
+            f'{step_dir} was written by an earlier mrcnn_jax whose variables had box_head/mask_head at '
+            'the top level; it cannot resume with this version. Initialize from its weights instead: '
+            'train in a new workdir with --config.train.init_from=<old workdir>/model (model '
+            'directories are migrated on load), or finish the run with the version that started it.')

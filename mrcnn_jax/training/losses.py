@@ -43,22 +43,23 @@ class Sampling:
 @dataclasses.dataclass(frozen=True)
 class RegressionLoss:
     """Box regression loss: 'smooth_l1' with `beta` (0 is L1) or 'l1'."""
-    kind: str = 'smooth_l1'
-    beta: float = 1.0 / 9.0
+    kind: str
+    beta: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LossSettings:
-    """Everything the loss function needs besides the model: targets and loss forms."""
-    rpn: Sampling = Sampling(0.7, 0.3, 256, 0.5)
-    roi: Sampling = Sampling(0.5, 0.5, 512, 0.25)
-    rpn_box_loss: RegressionLoss = RegressionLoss()
-    box_loss: RegressionLoss = RegressionLoss()
-    rpn_normalizer: str = 'sampled'        # or 'nominal' (Detectron2)
-    box_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
-    max_mask_rois: int = 128               # positives per image carried to the mask loss
-    mask_resolution: int = 28
-    soft_mask_targets: bool = True         # torchvision: RoIAlign of the 0/1 mask; Detectron2: >= 0.5
+    """Everything the loss function needs besides the model: targets and loss forms (no
+    defaults: `from_config` takes them from the config and its conventions). The box-delta
+    weights are the model's (`roi_heads.box_weights`), which decodes what these targets encode."""
+    rpn: Sampling
+    roi: Sampling
+    rpn_box_loss: RegressionLoss
+    box_loss: RegressionLoss
+    rpn_normalizer: str                    # 'sampled' (torchvision) or 'nominal' (Detectron2)
+    max_mask_rois: int                     # positives per image carried to the mask loss
+    mask_resolution: int
+    soft_mask_targets: bool                # torchvision: RoIAlign of the 0/1 mask; Detectron2: >= 0.5
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> 'LossSettings':
@@ -70,7 +71,7 @@ class LossSettings:
             roi=Sampling(r.fg_iou_thresh, r.bg_iou_thresh, r.batch_size_per_image, r.positive_fraction),
             rpn_box_loss=RegressionLoss(conv.rpn_loss_type, conv.rpn_smooth_l1_beta),
             box_loss=RegressionLoss(conv.box_loss_type, conv.box_smooth_l1_beta),
-            rpn_normalizer=conv.rpn_loss_normalizer, box_weights=tuple(r.box_weights),
+            rpn_normalizer=conv.rpn_loss_normalizer,
             max_mask_rois=r.max_mask_rois, mask_resolution=r.mask_resolution,
             soft_mask_targets=conv.mask_targets == 'soft')
 
@@ -164,7 +165,7 @@ def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, wi
     rt = jax.vmap(lambda k, p, pok, g, c, gok: tgt.roi_targets(
         k, p, pok, g, c, gok, fg_thresh=ss.fg_iou_thresh, bg_thresh=ss.bg_iou_thresh,
         num=ss.batch_size_per_image, positive_fraction=ss.positive_fraction,
-        box_weights=settings.box_weights))(
+        box_weights=m.roi_heads.box_weights))(
             keys_roi, proposals, proposal_ok, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok)
     class_logits, box_deltas = m.box_predictions(feats, rt.rois, info)
     loss_cls, loss_box = box_head_losses(class_logits, box_deltas, rt, loss_type=settings.box_loss.kind,

@@ -26,7 +26,7 @@ def res(tmp_path_factory):
     cache, data = th.shared_dirs(tmp_path_factory)
     out = tmp_path_factory.mktemp('train_step')
     p = th.run([str(th.WORKER), 'train-step', '--synthetic-dir', str(data), '--out', str(out),
-                '--batch', str(BATCH), '--loss-steps', str(LOSS_STEPS)], th.subprocess_env(cache),
+                '--batch', str(BATCH), '--loss-steps', str(LOSS_STEPS)], th.subprocess_env(cache, fast_compile=False),
                timeout=1200)
     assert p.returncode == 0, th.tail(p)
     return json.loads((out / 'result.json').read_text())

@@ -5,7 +5,9 @@
     model.roi.mask_head = 'conv_upsample'      # MASK_HEADS (used when model.mask_on)
 
 A new head is a new module with a `from_config(cfg_model, dtype)` classmethod and one line in a
-table below; `build_model` composes the heads the config names. Nothing else changes.
+table below (plus config fields under `model.roi` for its own sizes, if it has any);
+`build_model` composes the heads the config names, and `MaskRCNN` does not change. A converter
+that loads weights into it maps the reference's names onto the module's.
 """
 
 from __future__ import annotations
