@@ -172,10 +172,6 @@ class Conventions:
         from mrcnn_jax.ops import anchors
         return anchors.cell_anchors(size, aspect_ratios, rounded=self.anchor_rounding)
 
-    def to_config(self) -> dict:
-        """This object as a `model.conventions` group with every field explicit."""
-        return dataclasses.asdict(self)
-
 
 TORCHVISION = Conventions(
     name='torchvision',
