@@ -90,19 +90,32 @@ def _cmd_convert(args, overrides) -> int:
     from mrcnn_jax.model_dir import save_model_dir
     from mrcnn_jax.predictor import Predictor
 
-    if args.source != 'torchvision':
-        print(f'unsupported --from {args.source!r} (supported: torchvision)', file=sys.stderr)
-        return 2
-    p = Predictor.from_torchvision(args.input, score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
-                                   detections_per_img=args.detections_per_img, min_size=args.min_size,
-                                   max_size=args.max_size)
+    settings = dict(score_thresh=args.score_thresh, nms_thresh=args.nms_thresh,
+                    detections_per_img=args.detections_per_img, min_size=args.min_size, max_size=args.max_size)
+    if args.source == 'detectron2':
+        if not args.config_file:
+            print('error: --from detectron2 needs --config-file, the yaml config the checkpoint was trained '
+                  'with', file=sys.stderr)
+            return 2
+        p = Predictor.from_detectron2(args.input, config_file=args.config_file, **settings)
+        source = f'detectron2:{os.path.basename(args.input)} ({os.path.basename(args.config_file)})'
+    else:
+        if args.config_file:
+            print('error: --config-file is for --from detectron2', file=sys.stderr)
+            return 2
+        defaults = dict(score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, min_size=800, max_size=1333)
+        p = Predictor.from_torchvision(args.input, **{k: defaults[k] if v is None else v for k, v in settings.items()})
+        source = f'torchvision:{os.path.basename(args.input)}'
     meta = {'label_ids': [int(x) for x in p.label_ids], 'class_names': p.class_names,
-            'source': f'torchvision:{os.path.basename(args.input)}'}
+            'label_space': p.label_space, 'source': source}
     import jax
     out = save_model_dir(args.output, p.config, jax.device_get(p.variables), meta)
-    kind = 'Mask R-CNN' if p.config.model.mask_on else 'Faster R-CNN'
-    print(f'converted {kind} R{p.config.model.backbone.depth}-FPN ({p.config.model.num_classes} classes) '
-          f'-> {out}')
+    m = p.config.model
+    kind = 'Mask R-CNN' if m.mask_on else 'Faster R-CNN'
+    arch = f'X{m.backbone.depth}-{m.backbone.groups}x{m.backbone.width_per_group}d' if m.backbone.groups > 1 \
+        else f'R{m.backbone.depth}'
+    print(f'converted {args.source} {kind} {arch}-FPN ({m.num_classes} classes with the background; labels: '
+          f'{p.label_space}) -> {out}')
     return 0
 
 
@@ -232,15 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument('--no-compile-cache', action='store_true', help=cache_help)
     sub = ap.add_subparsers(dest='command', required=True)
 
-    c = sub.add_parser('convert', parents=[common], help='convert torchvision weights to a model directory')
-    c.add_argument('--from', dest='source', default='torchvision', choices=['torchvision'])
-    c.add_argument('input', help='.pth state_dict (maskrcnn_/fasterrcnn_resnet50_fpn, current or legacy keys)')
+    c = sub.add_parser('convert', parents=[common],
+                       help='convert torchvision or Detectron2 weights to a model directory')
+    c.add_argument('--from', dest='source', default='torchvision', choices=['torchvision', 'detectron2'])
+    c.add_argument('input', help='torchvision: .pth state_dict (maskrcnn_/fasterrcnn_resnet50_fpn, current or '
+                                 'legacy keys); detectron2: model-zoo .pkl or training .pth')
     c.add_argument('output', help='output model directory')
-    c.add_argument('--score-thresh', type=float, default=0.05)
-    c.add_argument('--nms-thresh', type=float, default=0.5)
-    c.add_argument('--detections-per-img', type=int, default=100)
-    c.add_argument('--min-size', type=int, default=800)
-    c.add_argument('--max-size', type=int, default=1333)
+    c.add_argument('--config-file', help='detectron2: the yaml config of the checkpoint (_BASE_ chains followed)')
+    c.add_argument('--score-thresh', type=float, help='default: 0.05 (torchvision), the config\'s (detectron2)')
+    c.add_argument('--nms-thresh', type=float, help='default: 0.5 / the config\'s')
+    c.add_argument('--detections-per-img', type=int, help='default: 100 / the config\'s')
+    c.add_argument('--min-size', type=int, help='test-time shortest side; default: 800 / the config\'s')
+    c.add_argument('--max-size', type=int, help='default: 1333 / the config\'s')
     c.set_defaults(func=_cmd_convert)
 
     t = sub.add_parser('train', parents=[common], help='train (resumes from the workdir\'s latest checkpoint)')

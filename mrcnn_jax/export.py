@@ -56,6 +56,7 @@ def export_predictor(predictor, out_dir, *, batch_size: int = 2, canvas: tuple[i
         exported = jax_export.export(fn, platforms=used)(var_specs, img_spec, info_spec)
     (out / 'model.stablehlo').write_bytes(exported.serialize())
     meta = {'label_ids': [int(x) for x in predictor.label_ids], 'class_names': list(predictor.class_names),
+            'label_space': predictor.label_space,
             'source': 'mrcnn_jax.export'}
     save_model_dir(out, predictor.config, jax.device_get(variables), meta)
     (out / 'export.json').write_text(json.dumps({

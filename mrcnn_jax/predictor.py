@@ -3,6 +3,7 @@
 ```python
 from mrcnn_jax import Predictor
 p = Predictor.from_torchvision('maskrcnn_resnet50_fpn_coco.pth')   # path or state_dict
+p = Predictor.from_detectron2('model_final.pkl', config_file='mask_rcnn_R_50_FPN_3x.yaml')
 p = Predictor.from_checkpoint('converted/')                         # what `mrcnn-jax convert` writes
 out = p(image)            # HxWx3 uint8 RGB; a list of images gives a list of outputs
 out['boxes']  (N, 4) float32 xyxy in original pixels;  out['scores'] (N,);  out['labels'] (N,) int
@@ -11,6 +12,12 @@ out['masks']  (N, H, W) float32 in [0, 1]  (mask models; bool with mask_threshol
 Each image is resized by the model conventions' rule (`model.conventions`, to data.test_min_size /
 test_max_size), placed on the smallest canvas bucket that holds it and run through one compiled
 program per (bucket, batch size); images of other sizes in the same bucket reuse it.
+
+The conventions decide the rest of the pre- and post-processing too: with `resize_antialias`
+(Detectron2) images are resized on the host with PIL as Detectron2 resizes them (antialiased,
+rounded to uint8) and uploaded at their resized size; with `clip_output_boxes` the boxes in
+original pixels are clipped to the image and empty ones dropped (Detectron2's
+`detector_postprocess`); masks are pasted by `conventions.mask_paste`'s rule (`ops/paste.py`).
 
 One batched-inference path, for a few images and for a dataset: `predict_iter` streams (key,
 image) pairs through batches of `batch_size` per bucket, sharded over a device mesh, and yields
@@ -28,7 +35,7 @@ the host path within float32 rounding. `on_device=False` keeps both in host nump
 torch's CPU kernels (`preprocess.resize_bilinear`, `ops.paste.paste_masks`). Masks whose pasted
 canvas would exceed `max_device_paste_bytes` (photos of many megapixels) are pasted on the host,
 chunk by chunk. `mask_threshold=t` returns bool masks (`probability > t`, as COCO evaluation and
-drawing use them): thresholded where they are pasted, a quarter of the bytes to move and keep.
+drawing use them; `>= t` under Detectron2's paste rule): thresholded where they are pasted, a quarter of the bytes to move and keep.
 """
 
 from __future__ import annotations
@@ -62,13 +69,13 @@ class Predictor:
                  label_ids: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
                  buckets: Sequence[tuple[int, int]] | None = None, batch_size: int = 1,
                  mesh: Mesh | None = None, paste: bool = True, on_device: bool = True,
-                 max_device_paste_bytes: int = 2 ** 30, mask_threshold: float | None = None):
+                 max_device_paste_bytes: int = 2 ** 30, mask_threshold: float | None = None,
+                 label_space: str | None = None):
         self.config = config
+        # What out['labels'] are, for the record (model directory metadata): e.g.
+        # 'coco_category_id' or 'detectron2_class_index'; None: not stated.
+        self.label_space = label_space
         self.conventions = Conventions.from_config(config.model.conventions)
-        if self.conventions.resize_antialias:
-            log.warning('model.conventions.resize_antialias is set (%s resizes with PIL, antialiased when '
-                        'shrinking), but the Predictor resizes without antialiasing: images it shrinks '
-                        'differ slightly from the reference\'s', self.conventions.name)
         self.model = build_model(config.model)
         k = config.model.num_classes
         self.label_ids = np.asarray(label_ids if label_ids is not None else np.arange(k), np.int64)
@@ -143,13 +150,34 @@ class Predictor:
                                      min_size=min_size, max_size=max_size, norm_eps=norm_eps)
         variables = tv.convert_state_dict(sd, cfg.model)
         label_ids, names = torchvision_labels(cfg.model.num_classes)
+        kwargs.setdefault('label_space', 'coco_category_id' if cfg.model.num_classes == 91 else 'class_index')
         return cls(cfg, variables, label_ids=label_ids, class_names=names, **kwargs)
+
+    @classmethod
+    def from_detectron2(cls, checkpoint: Any, *, config_file, score_thresh: float | None = None,
+                        nms_thresh: float | None = None, detections_per_img: int | None = None,
+                        min_size: int | None = None, max_size: int | None = None, **kwargs) -> 'Predictor':
+        """From a Detectron2 checkpoint (model-zoo .pkl, training .pth, or a state_dict) and the
+        yaml config it was trained with (`_BASE_` chains are followed). A None setting takes the
+        config's value (SCORE_THRESH_TEST, NMS_THRESH_TEST, DETECTIONS_PER_IMAGE, MIN_SIZE_TEST,
+        MAX_SIZE_TEST); a given one overrides it. Outputs are Detectron2's: labels are COCO
+        category ids when the config trains on a COCO split, else Detectron2's class index
+        (`convert/detectron2.py`)."""
+        from mrcnn_jax.convert import detectron2 as d2
+        cfg, info = d2.config_from_yaml(config_file)
+        cfg = d2.config_with_overrides(cfg, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                       detections_per_img=detections_per_img, min_size=min_size,
+                                       max_size=max_size)
+        variables = d2.convert_state_dict(d2.load_checkpoint(checkpoint), cfg.model)
+        return cls(cfg, variables, label_ids=info['label_ids'], class_names=info['class_names'],
+                   label_space=info['labels'], **kwargs)
 
     @classmethod
     def from_checkpoint(cls, path, config: ml_collections.ConfigDict | None = None, **kwargs) -> 'Predictor':
         """From a model directory written by `mrcnn-jax convert` or by training (see model_dir.py)."""
         from mrcnn_jax.model_dir import load_model_dir
         cfg, variables, meta = load_model_dir(path, config)
+        kwargs.setdefault('label_space', meta.get('label_space'))
         return cls(cfg, variables, label_ids=meta.get('label_ids'), class_names=meta.get('class_names'),
                    **kwargs)
 
@@ -229,14 +257,19 @@ class Predictor:
 
     # -- the device path -------------------------------------------------------------------------
     def _prepare(self, image) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """uint8 image -> (uint8 RGB image, image_info [6] (h, w, rh, rw, rh / h, rw / w), the
-        canvas bucket): the sizes, without the resize itself."""
+        """uint8 image -> (uint8 RGB image to upload, image_info [6] (h, w, rh, rw, rh / h, rw / w),
+        the canvas bucket): the sizes, without the resize itself (or, with PIL's resize, already
+        resized)."""
         d = self.config.data
         img = preprocess.as_rgb_uint8(image)
         h, w = img.shape[:2]
         if h < 1 or w < 1:
             raise ValueError(f'empty image of shape {img.shape}')
         rh, rw = self.conventions.resized_size(h, w, d.test_min_size, d.test_max_size)
+        if self.conventions.resize_antialias:
+            # Detectron2 resizes the uint8 image with PIL (antialiased, rounded to uint8) before
+            # anything else; the device then "resizes" (rh, rw) to itself, an exact copy.
+            img = preprocess.resize_pil(img, (rh, rw))
         padded = tuple(int(v) for v in np_padded_size((rh, rw), self.config.model.size_divisible))
         bucket = preprocess.choose_bucket(padded, self.buckets)
         if bucket is None:
@@ -253,61 +286,89 @@ class Predictor:
 
     def _paste_fn(self, out, info, raw_hw, threshold):
         # Boxes in original pixels exactly as `postprocess` computes them (torchvision's
-        # resize_boxes: float32(original) / float32(resized) per axis), then pasted on the canvas.
+        # resize_boxes: float32(original) / float32(resized) per axis; clipped with
+        # clip_output_boxes), then pasted on the canvas.
         ratio_h, ratio_w = info[:, 0] / info[:, 2], info[:, 1] / info[:, 3]
         scale = jnp.stack([ratio_w, ratio_h, ratio_w, ratio_h], axis=-1)[:, None, :]
-        return paste_masks_to_canvas(out['masks'], out['boxes'] * scale, raw_hw, threshold=threshold)
+        boxes = out['boxes'] * scale
+        if self.conventions.clip_output_boxes:
+            hi = jnp.stack([info[:, 1], info[:, 0], info[:, 1], info[:, 0]], axis=-1)[:, None, :]
+            boxes = jnp.clip(boxes, 0.0, hi)
+        return paste_masks_to_canvas(out['masks'], boxes, raw_hw, threshold=threshold,
+                                     rule=self.conventions.mask_paste)
 
     def _run_on_device(self, prepped, bucket):
         bs, n = self.batch_size, len(prepped)
-        raw_hw = tuple(max(resample.raw_canvas(*img.shape[:2])[k] for img, _, _ in prepped) for k in (0, 1))
-        raw = np.zeros((bs,) + raw_hw + (3,), np.uint8)
+        up_hw = tuple(max(resample.raw_canvas(*img.shape[:2])[k] for img, _, _ in prepped) for k in (0, 1))
+        raw = np.zeros((bs,) + up_hw + (3,), np.uint8)
         sizes = np.ones((bs, 4), np.int32)           # unused slots: a 1x1 image
         for j, (img, inf, _) in enumerate(prepped):
             raw[j, :img.shape[0], :img.shape[1]] = img
-            sizes[j] = inf[:4]
+            sizes[j] = (img.shape[0], img.shape[1], inf[2], inf[3])
         info = self._batch_info(prepped, bucket)
         info_d = self._shard(info)
         out = self._predict(self.variables, self._resize(self._shard(raw), self._shard(sizes), bucket), info_d)
         pasted = None
         if self.paste and 'masks' in out:
+            # masks go back onto the canvas of the original images (the upload may be resized)
+            raw_hw = tuple(max(resample.raw_canvas(int(inf[0]), int(inf[1]))[k] for _, inf, _ in prepped)
+                           for k in (0, 1))
             d = out['masks'].shape[1]
             if bs * d * raw_hw[0] * raw_hw[1] * 4 <= self.max_device_paste_bytes:
                 pasted = self._paste(out, info_d, raw_hw, self.mask_threshold)
         out, pasted = jax.device_get((out, pasted))
         results = []
         for j in range(n):
-            res = self.postprocess({k: v[j] for k, v in out.items()}, info[j],
-                                   paste=self.paste and pasted is None)
+            res, rows = self._postprocess({k: v[j] for k, v in out.items()}, info[j],
+                                          paste=self.paste and pasted is None)
             if pasted is not None:
                 h0, w0 = int(info[j, 0]), int(info[j, 1])
-                # Crop, then select: boolean indexing copies once, into a contiguous array.
-                res['masks'] = pasted[j, :, :h0, :w0][out['valid'][j]]
+                # Crop, then select: indexing copies once, into a contiguous array.
+                res['masks'] = pasted[j, :, :h0, :w0][rows]
             results.append(res)
         return results
+
+    def output_boxes(self, boxes: np.ndarray, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes [N, 4] on the resized image -> (boxes in original pixels, keep [N] bool).
+
+        torchvision's resize_boxes: ratio = float32(original) / float32(resized), per axis (the
+        same float32 as Detectron2's Boxes.scale by output / input size). With
+        `conventions.clip_output_boxes` (Detectron2's detector_postprocess) the boxes are then
+        clipped to the original image and those left empty (a side <= 0) are dropped."""
+        h0, w0, rh, rw = (int(v) for v in info[:4])
+        ratio_h = np.float32(h0) / np.float32(rh)
+        ratio_w = np.float32(w0) / np.float32(rw)
+        boxes = (boxes * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)).astype(np.float32)
+        keep = np.ones(len(boxes), bool)
+        if self.conventions.clip_output_boxes:
+            boxes = np.clip(boxes, 0, np.asarray([w0, h0, w0, h0], np.float32))
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return boxes, keep
 
     def postprocess(self, raw: dict[str, np.ndarray], info: np.ndarray,
                     paste: bool | None = None) -> dict[str, np.ndarray]:
         """One image's padded outputs -> its valid instances in original pixels; masks are pasted
         on the host when `paste` (default: the predictor's `paste`)."""
-        valid = raw['valid']
-        h0, w0, rh, rw = (int(v) for v in info[:4])
-        # torchvision resize_boxes: ratio = float32(original) / float32(resized), per axis.
-        ratio_h = np.float32(h0) / np.float32(rh)
-        ratio_w = np.float32(w0) / np.float32(rw)
-        boxes = raw['boxes'][valid] * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
-        labels = raw['labels'][valid]
+        return self._postprocess(raw, info, paste)[0]
+
+    def _postprocess(self, raw, info, paste=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(postprocess's result, the padded rows it kept, in order)."""
+        rows = np.flatnonzero(raw['valid'])
+        h0, w0 = int(info[0]), int(info[1])
+        boxes, keep = self.output_boxes(raw['boxes'][rows], info)
+        rows = rows[keep]
         out = {
-            'boxes': boxes.astype(np.float32),
-            'scores': raw['scores'][valid].astype(np.float32),
-            'labels': self.label_ids[labels],
+            'boxes': boxes[keep],
+            'scores': raw['scores'][rows].astype(np.float32),
+            'labels': self.label_ids[raw['labels'][rows]],
         }
         if 'masks' in raw:
-            probs = raw['masks'][valid].astype(np.float32)
+            probs = raw['masks'][rows].astype(np.float32)
             out['mask_probs'] = probs
             if self.paste if paste is None else paste:
-                out['masks'] = paste_masks(probs, out['boxes'], (h0, w0), threshold=self.mask_threshold)
-        return out
+                out['masks'] = paste_masks(probs, out['boxes'], (h0, w0), threshold=self.mask_threshold,
+                                           rule=self.conventions.mask_paste)
+        return out, rows
 
 
 def config_for_torchvision(model_cfg: ml_collections.ConfigDict, *, score_thresh: float = 0.05,

@@ -99,6 +99,19 @@ def default_buckets(min_size: int, max_size: int, size_divisible: int = 32) -> l
     return sorted(set(out), key=lambda hw: (hw[0] * hw[1], hw))
 
 
+def resize_pil(image_u8: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [oh, ow, C] with PIL's bilinear filter: Detectron2's
+    `ResizeTransform.apply_image` for uint8 images (`Image.fromarray(img).resize((w, h),
+    Image.BILINEAR)`), which antialiases when shrinking (the filter support grows with the scale)
+    and rounds to uint8. PIL filters each channel alike, so RGB in gives what BGR in would,
+    channels swapped."""
+    from PIL import Image
+    oh, ow = int(out_hw[0]), int(out_hw[1])
+    if image_u8.shape[:2] == (oh, ow):
+        return image_u8      # PIL returns a copy of the same pixels
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image_u8)).resize((ow, oh), Image.BILINEAR))
+
+
 def choose_bucket(padded_hw: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
     """Smallest-area bucket that holds the padded image, or None."""
     fits = [b for b in buckets if b[0] >= padded_hw[0] and b[1] >= padded_hw[1]]

@@ -100,7 +100,8 @@ def converted(tv_pth, tmp_path_factory):
 def test_convert_writes_a_model_dir_that_predicts_as_the_pth(tv_pth, converted, dataset):
     out, printed = converted
     lines = printed.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('converted Mask R-CNN R18-FPN (91 classes) -> '), printed
+    assert len(lines) == 1 and lines[0].startswith(
+        'converted torchvision Mask R-CNN R18-FPN (91 classes with the background; labels: coco_category_id) -> '), printed
     assert pathlib.Path(lines[0].split(' -> ', 1)[1]).resolve() == out.resolve()
 
     assert {'config.json', 'metadata.json', 'variables'} <= {f.name for f in out.iterdir()}

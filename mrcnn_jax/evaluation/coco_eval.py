@@ -13,7 +13,9 @@ A prediction for one image is a dict of numpy arrays, N detections, in original-
   'labels'     [N] int: COCO category ids, or contiguous ids mapped by `label_to_category_id`
   'masks'      [N, H, W] float32 probabilities in [0, 1] (or bool/uint8), pasted at the
                original size; or instead
-  'mask_probs' [N, M, M] float32 per-box probabilities (M = 28), pasted here with 'boxes'
+  'mask_probs' [N, M, M] float32 per-box probabilities (M = 28), pasted here with 'boxes' by
+               the model's paste rule (`paste_rule`: 'padded_resize' or 'pixel_centers', the
+               conventions' `mask_paste`; `ops/paste.py`)
   'keypoints'  [N, K, 3] float32 (x, y, visibility)                    (for 'keypoints' only)
   'valid'      [N] bool, optional: rows to keep when the arrays are padded.
 
@@ -36,7 +38,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from mrcnn_jax.evaluation.rle import encode_rle, paste_masks_to_rle
-from mrcnn_jax.ops.paste import DEFAULT_CHUNK_SIZE
+from mrcnn_jax.ops.paste import DEFAULT_CHUNK_SIZE, check_rule
 
 IOU_TYPES = ('bbox', 'segm', 'keypoints')
 BACKENDS = ('pycocotools', 'faster_coco_eval')
@@ -82,7 +84,8 @@ def prediction_to_coco_results(image_id: int, prediction: Mapping[str, Any],
                                iou_types: Sequence[str] = ('bbox', 'segm'), *,
                                label_to_category_id: Sequence[int] | Mapping[int, int] | None = None,
                                image_hw: tuple[int, int] | None = None, mask_threshold: float = 0.5,
-                               chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[dict]:
+                               chunk_size: int = DEFAULT_CHUNK_SIZE,
+                               paste_rule: str = 'padded_resize') -> list[dict]:
     """One image's detections as COCO result entries, one merged dict per detection.
 
     Args:
@@ -95,9 +98,13 @@ def prediction_to_coco_results(image_id: int, prediction: Mapping[str, Any],
       label_to_category_id: [num_labels] int array or dict mapping labels to COCO category ids;
         None when labels already are category ids.
       image_hw: (H, W) of the original image; required for 'mask_probs', checked against 'masks'.
-      mask_threshold: a mask pixel is foreground when its probability is > mask_threshold (as
-        torchvision's COCO evaluation; Detectron2 uses >=, which differs only at exactly 0.5).
+      mask_threshold: a mask pixel is foreground when its probability is > mask_threshold by
+        the torchvision paste rule (as torchvision's COCO evaluation), >= mask_threshold by the
+        detectron2 rule (as Detectron2's); they differ only at exactly the threshold.
       chunk_size: instances pasted and encoded together (bounds temporary memory).
+      paste_rule: 'padded_resize' or 'pixel_centers': how 'mask_probs' are pasted into the image
+        (`ops.paste.paste_masks`), and the threshold comparison for 'mask_probs' and float
+        'masks'. The model's `Conventions.mask_paste`.
 
     Returns:
       N dicts {'image_id': int, 'category_id': int, 'score': float, 'bbox': [x, y, w, h] floats,
@@ -144,12 +151,14 @@ def prediction_to_coco_results(image_id: int, prediction: Mapping[str, Any],
             if image_hw is not None and tuple(masks.shape[1:]) != tuple(image_hw):
                 raise ValueError(f"image {image_id}: 'masks' are {masks.shape[1:]} but the image is "
                                  f'{tuple(image_hw)}: masks must be pasted at the original size')
-            rles = encode_rle(masks, threshold=mask_threshold, chunk_size=chunk_size)
+            rles = encode_rle(masks, threshold=mask_threshold, chunk_size=chunk_size,
+                              paste_rule=paste_rule)
         elif prediction.get('mask_probs') is not None:
             if image_hw is None:
                 raise ValueError(f"image {image_id}: 'mask_probs' need image_hw to be pasted")
             rles = paste_masks_to_rle(per_detection('mask_probs', np.float32), boxes, image_hw,
-                                      threshold=mask_threshold, chunk_size=chunk_size)
+                                      threshold=mask_threshold, chunk_size=chunk_size,
+                                      paste_rule=paste_rule)
         else:
             raise KeyError(f"image {image_id}: 'segm' evaluation needs 'masks' or 'mask_probs'")
         for result, rle in zip(results, rles):
@@ -330,7 +339,8 @@ class CocoEvaluator:
                  backend: Backend = 'pycocotools', num_workers: int = 0,
                  executor: Literal['thread', 'process'] = 'thread',
                  label_to_category_id: Sequence[int] | Mapping[int, int] | None = None,
-                 mask_threshold: float = 0.5, kpt_oks_sigmas: Sequence[float] | None = None,
+                 mask_threshold: float = 0.5, paste_rule: str = 'padded_resize',
+                 kpt_oks_sigmas: Sequence[float] | None = None,
                  max_pending: int | None = None, verbose: bool = True):
         """Args:
           coco_gt: ground truth: path to an instances json, dataset dict or COCO object.
@@ -343,7 +353,12 @@ class CocoEvaluator:
             costly for full-image 'masks').
           label_to_category_id: maps prediction labels to COCO category ids ([num_labels] int
             array or dict); None when labels are category ids.
-          mask_threshold: mask pixels with probability > mask_threshold are foreground.
+          mask_threshold: mask pixels with probability > mask_threshold are foreground (>= by
+            the detectron2 paste rule).
+          paste_rule: 'padded_resize' (default) or 'pixel_centers', the model's
+            `Conventions.mask_paste`: how 'mask_probs' are pasted and thresholded in the
+            workers (see `prediction_to_coco_results`), so that a Detectron2 model's masks are
+            scored as Detectron2 pastes them.
           kpt_oks_sigmas: [K] OKS sigmas for keypoints other than COCO's 17.
           max_pending: images converted or queued at once (default 2 * num_workers).
           verbose: print the COCO tables.
@@ -353,6 +368,7 @@ class CocoEvaluator:
         if executor not in ('thread', 'process'):
             raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
         self.iou_types = _check_iou_types(iou_types)
+        self.paste_rule = check_rule(paste_rule)
         self.backend = backend
         self.coco_gt = load_coco_gt(coco_gt, backend, verbose)
         self.num_workers = max(int(num_workers), 0)
@@ -365,7 +381,7 @@ class CocoEvaluator:
             label_to_category_id=(dict(label_to_category_id) if isinstance(label_to_category_id, Mapping)
                                   else None if label_to_category_id is None
                                   else np.asarray(label_to_category_id, dtype=np.int64)),
-            mask_threshold=mask_threshold)
+            mask_threshold=mask_threshold, paste_rule=self.paste_rule)
         # image_id -> its results (None while its conversion is pending), in the order added.
         self._results: dict[int, list[dict] | None] = {}
         self._pending: collections.deque = collections.deque()

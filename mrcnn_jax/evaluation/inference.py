@@ -55,7 +55,9 @@ def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', m
     if max_images:
         items = (it for _, it in zip(range(max_images), items))
     t0 = time.time()
+    # masks are pasted as the model's reference pastes them (conventions.mask_paste)
     evaluator = CocoEvaluator(coco_gt, iou_types, backend=backend or cfg.eval.backend, num_workers=2,
+                              paste_rule=predictor.conventions.mask_paste,
                               verbose=verbose)
     with evaluator, tqdm(total=total, desc=f'eval {split}', unit='img', disable=not progress) as bar:
         for image_id, pred in predictor.predict_iter(items, on_error=on_error):

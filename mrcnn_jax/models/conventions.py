@@ -25,10 +25,9 @@ background last, at index K - 1, and its box and mask predictors have no backgro
 converter of that reference's checkpoints permutes its classifier into our layout and writes the
 label map (Detectron2's: the Detectron2 import, next), so model code has one layout and no branch.
 
-Known differences not modelled yet (Detectron2 checkpoints are not importable yet; its parity
-harness will check them): RPN small-box removal (torchvision keeps sides >= min_size, Detectron2
-sides > min_size), and Detectron2's test-time detection postprocess has no min-size filter (set
-`roi.min_size = 0`).
+Detectron2's test-time detection has no min-size filter: its configs (`convert/detectron2.py`)
+set `roi.min_size = 0`, which keeps every box (sides >= 0); the empty ones are dropped after
+rescaling, as `clip_output_boxes` says.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ RESIZE_RULES = ('floor', 'round')
 ANCHOR_STRIDES = ('padded', 'nominal')
 CLASS_LAYOUTS = ('background_first', 'background_last')
 MASK_TARGETS = ('soft', 'hard')
+MASK_PASTES = ('padded_resize', 'pixel_centers')
 LOSS_NORMALIZERS = ('sampled', 'nominal')
 REG_LOSSES = ('smooth_l1', 'l1')
 
@@ -98,6 +98,19 @@ class Conventions:
     level_eps: float
     level_eps_in_log: bool
 
+    # -- proposals and detections ----------------------------------------------------------------
+    # RPN small-box removal: torchvision keeps proposals whose sides are >= rpn.min_size
+    # (`remove_small_boxes`), Detectron2 those whose sides are > rpn.min_size (`Boxes.nonempty`,
+    # MIN_SIZE 0: it drops boxes clipped to zero width, e.g. anchors in the padding).
+    rpn_min_size_strict: bool
+    # Output boxes in original pixels: torchvision only rescales them; Detectron2's
+    # `detector_postprocess` also clips them to the original image and drops empty ones.
+    clip_output_boxes: bool
+    # Mask paste into the original image (ops/paste.py): torchvision resizes a zero-padded mask
+    # onto the integer box ('padded_resize', thresholded with >); Detectron2 samples the mask
+    # with grid_sample at the pixel centres of the float box ('pixel_centers', thresholded with >=).
+    mask_paste: str
+
     # -- classes -------------------------------------------------------------------------------
     class_layout: str
 
@@ -118,6 +131,7 @@ class Conventions:
     def __post_init__(self):
         for field, allowed in (('resize_rule', RESIZE_RULES), ('anchor_strides', ANCHOR_STRIDES),
                                ('class_layout', CLASS_LAYOUTS), ('mask_targets', MASK_TARGETS),
+                               ('mask_paste', MASK_PASTES),
                                ('rpn_loss_normalizer', LOSS_NORMALIZERS),
                                ('rpn_loss_type', REG_LOSSES), ('box_loss_type', REG_LOSSES),
                                ('channel_order', ('RGB', 'BGR'))):
@@ -180,6 +194,7 @@ TORCHVISION = Conventions(
     stride_in_1x1=False,
     anchor_rounding=True, anchor_strides='padded',
     roi_align_aligned=False, sampling_ratio=2, level_eps=1e-6, level_eps_in_log=False,
+    rpn_min_size_strict=False, clip_output_boxes=False, mask_paste='padded_resize',
     class_layout='background_first',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=1.0 / 9.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=1.0 / 9.0,
@@ -193,6 +208,7 @@ DETECTRON2 = Conventions(
     stride_in_1x1=True,
     anchor_rounding=False, anchor_strides='nominal',
     roi_align_aligned=True, sampling_ratio=0, level_eps=1e-8, level_eps_in_log=True,
+    rpn_min_size_strict=True, clip_output_boxes=True, mask_paste='pixel_centers',
     class_layout='background_last',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=0.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=0.0,

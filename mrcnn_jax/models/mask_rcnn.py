@@ -93,7 +93,8 @@ class MaskRCNN(nn.Module):
         pre, post = self.rpn_settings.topk(train)
         boxes, scores, valid = select_proposals(
             logits, deltas, anchors, anchor_valid, self.image_hw(image_info), pre_nms_topk=pre,
-            post_nms_topk=post, nms_thresh=self.rpn_settings.nms_thresh, min_size=self.rpn_settings.min_size)
+            post_nms_topk=post, nms_thresh=self.rpn_settings.nms_thresh, min_size=self.rpn_settings.min_size,
+            min_size_strict=self.rpn_settings.min_size_strict)
         return boxes, scores, valid, (logits, deltas, anchors, anchor_valid)
 
     def box_predictions(self, feats, rois: jnp.ndarray, image_info: jnp.ndarray):
@@ -139,7 +140,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> MaskRCNN:
         rpn_settings=RPNSettings(pre_nms_topk_train=rp.pre_nms_topk_train, pre_nms_topk_test=rp.pre_nms_topk_test,
                                  post_nms_topk_train=rp.post_nms_topk_train,
                                  post_nms_topk_test=rp.post_nms_topk_test, nms_thresh=rp.nms_thresh,
-                                 min_size=rp.min_size),
+                                 min_size=rp.min_size, min_size_strict=conv.rpn_min_size_strict),
         size_divisible=cfg.size_divisible,
         mask_padding=cfg.mask_padding,
     )

@@ -54,6 +54,7 @@ class RPNSettings:
     post_nms_topk_test: int = 1000
     nms_thresh: float = 0.7
     min_size: float = 1e-3
+    min_size_strict: bool = False          # conventions.rpn_min_size_strict: sides > min_size
 
     def topk(self, train: bool) -> tuple[int, int]:
         """(pre_nms_topk, post_nms_topk) for training or inference."""
@@ -101,11 +102,13 @@ def select_proposals(
     post_nms_topk: int,
     nms_thresh: float,
     min_size: float,
+    min_size_strict: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """torchvision's `RegionProposalNetwork.filter_proposals` with static shapes.
 
     Per level: top `pre_nms_topk` valid anchors by objectness logit, decode (dw/dh clamped at
-    log(1000/16)), clip to the image's valid size, drop boxes with a side < min_size, NMS at
+    log(1000/16)), clip to the image's valid size, drop boxes with a side < min_size (<= min_size with
+    `min_size_strict`, Detectron2's `Boxes.nonempty`), NMS at
     `nms_thresh` (fixed-size output). Then the top `post_nms_topk` of all levels by probability.
 
     objectness: per level [B, N_l] logits; deltas: per level [B, N_l, 4];
@@ -127,7 +130,7 @@ def select_proposals(
         d = jnp.take_along_axis(delta, idx[..., None], axis=1)
         a = jnp.take_along_axis(jnp.broadcast_to(anc, (bsz,) + anc.shape[1:]), idx[..., None], axis=1)
         boxes = box_ops.clip_boxes(box_ops.decode_boxes(d, a), image_hw[:, None, :])
-        valid = valid & box_ops.nonsmall_boxes(boxes, min_size)
+        valid = valid & box_ops.nonsmall_boxes(boxes, min_size, strict=min_size_strict)
         pad = kmax - k   # coarse levels with fewer anchors: pad to a common size (invalid rows)
         lvl_boxes.append(jnp.pad(boxes, ((0, 0), (0, pad), (0, 0))))
         lvl_scores.append(jnp.pad(jax.nn.sigmoid(top_logit), ((0, 0), (0, pad))))

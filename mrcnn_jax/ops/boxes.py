@@ -107,10 +107,13 @@ def clip_boxes(boxes: jnp.ndarray, image_hw: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([x1, y1, x2, y2], axis=-1)
 
 
-def nonsmall_boxes(boxes: jnp.ndarray, min_size: float) -> jnp.ndarray:
-    """[..., 4] -> [...] bool: both sides >= min_size (torchvision `remove_small_boxes`, as a mask)."""
+def nonsmall_boxes(boxes: jnp.ndarray, min_size: float, strict: bool = False) -> jnp.ndarray:
+    """[..., 4] -> [...] bool: both sides >= min_size (torchvision `remove_small_boxes`, as a
+    mask), or with `strict` both sides > min_size (Detectron2 `Boxes.nonempty(threshold)`)."""
     ws = boxes[..., 2] - boxes[..., 0]
     hs = boxes[..., 3] - boxes[..., 1]
+    if strict:
+        return (ws > min_size) & (hs > min_size)
     return (ws >= min_size) & (hs >= min_size)
 
 

@@ -13,6 +13,7 @@ Everything clever lives in pure functions it calls (losses.py, train_step.py). T
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pathlib
@@ -87,37 +88,82 @@ def _canvas(cfg) -> tuple[int, int]:
     return tuple(buckets[0]) if buckets else tuple(cfg.data.canvas)
 
 
-def load_initial_weights(variables: dict, path: str, backbone_only: bool = False) -> dict:
-    """Copy weights from a model directory (or a torchvision .pth) into `variables`.
+def _source_variables(p: pathlib.Path, model_cfg: ml_collections.ConfigDict | None):
+    """(variables, model config) of a model directory, a torchvision .pth or a Detectron2
+    checkpoint (.pkl, or a .pth of Detectron2's keys: converted for `model_cfg`'s architecture,
+    with the checkpoint's own number of classes)."""
+    from mrcnn_jax.convert import detectron2 as d2
+    from mrcnn_jax.convert import torchvision as tv
 
-    Every array whose path and shape match is taken; the rest (e.g. a classifier for another
-    number of classes) keeps its fresh initialization. Both lists are logged.
+    if p.suffix not in ('.pkl', '.pth', '.pt'):
+        from mrcnn_jax.model_dir import load_model_dir
+        cfg, variables, _ = load_model_dir(p)
+        return variables, cfg.model
+    sd = d2.load_checkpoint(p) if p.suffix == '.pkl' else tv.load_state_dict(str(p))
+    if not any(k.startswith('backbone.bottom_up.') for k in sd):
+        src_cfg = tv.model_config_from_state_dict(sd)
+        return tv.convert_state_dict(sd, src_cfg), src_cfg
+    if model_cfg is None:
+        raise ValueError(f'{p}: a Detectron2 checkpoint initializes a model of the training config\'s '
+                         'architecture; pass its model config')
+    sd = d2.load_checkpoint(sd)
+    src_cfg = copy.deepcopy(model_cfg)
+    src_cfg.conventions.name = 'detectron2'     # what the checkpoint was trained under
+    if 'roi_heads.box_predictor.cls_score.weight' in sd:
+        src_cfg.num_classes = int(sd['roi_heads.box_predictor.cls_score.weight'].shape[0])
+    src_cfg.mask_on = 'roi_heads.mask_head.predictor.weight' in sd
+    return d2.convert_state_dict(sd, src_cfg), src_cfg
+
+
+def load_initial_weights(variables: dict, path: str, backbone_only: bool = False,
+                         model_cfg: ml_collections.ConfigDict | None = None) -> dict:
+    """Copy weights from a model directory, a torchvision .pth or a Detectron2 checkpoint (.pkl
+    or .pth; converted for `model_cfg`, the training config's model) into `variables`.
+
+    Every array whose path and shape match is taken; the rest keeps its fresh initialization and
+    is logged: arrays whose shape differs (the class rows of the box and mask predictors, when
+    the number of classes changes) are named as re-initialized. A source whose conventions
+    differ from `model_cfg`'s (e.g. Detectron2 weights in a torchvision-convention model) is
+    warned about, since its features would not be the ones it was trained to produce.
     """
     from flax import traverse_util
 
+    from mrcnn_jax.models.conventions import Conventions
+
     p = pathlib.Path(path)
-    if p.suffix in ('.pth', '.pt'):
-        from mrcnn_jax.convert import torchvision as tv
-        sd = tv.load_state_dict(str(p))
-        src = tv.convert_state_dict(sd, tv.model_config_from_state_dict(sd))
-    else:
-        from mrcnn_jax.model_dir import load_model_dir
-        _, src, _ = load_model_dir(p)
+    src, src_cfg = _source_variables(p, model_cfg)
+    if model_cfg is not None:
+        ours, theirs = Conventions.from_config(model_cfg.conventions), Conventions.from_config(src_cfg.conventions)
+        differ = [f for f in ('stride_in_1x1', 'pixel_scale', 'channel_order', 'pixel_mean', 'pixel_std',
+                              'roi_align_aligned', 'anchor_rounding', 'class_layout')
+                  if getattr(ours, f) != getattr(theirs, f)]
+        if differ:
+            log.warning('%s was trained under %s conventions, the model uses %s: %s differ', path,
+                        theirs.name, ours.name, ', '.join(differ))
     flat_dst = traverse_util.flatten_dict(variables)
     flat_src = traverse_util.flatten_dict(src)
-    taken, kept = [], []
+    taken, reshaped, absent = [], [], []
     for k, v in flat_dst.items():
         if backbone_only and (len(k) < 2 or k[1] != 'backbone'):
-            kept.append(k)
+            absent.append(k)
             continue
         s = flat_src.get(k)
         if s is not None and tuple(s.shape) == tuple(v.shape):
             flat_dst[k] = jnp.asarray(s, v.dtype)
             taken.append(k)
+        elif s is not None:
+            reshaped.append(k)
         else:
-            kept.append(k)
-    _print(f'initialized {len(taken)} arrays from {path}; {len(kept)} keep their fresh init'
-           + (f' (e.g. {"/".join(kept[0])})' if kept else ''))
+            absent.append(k)
+    _print(f'initialized {len(taken)} arrays from {path}; {len(reshaped) + len(absent)} keep their fresh init'
+           + (f' (e.g. {"/".join(absent[0])})' if absent else ''))
+    if reshaped:
+        classes = ''
+        if model_cfg is not None and src_cfg.num_classes != model_cfg.num_classes:
+            classes = (f' ({src_cfg.num_classes - 1} classes in the checkpoint, {model_cfg.num_classes - 1} '
+                       'in the model)')
+        _print(f're-initialized {len(reshaped)} arrays whose shape differs from the checkpoint\'s{classes}: '
+               + ', '.join('/'.join(k[1:]) for k in reshaped))
     return traverse_util.unflatten_dict(flat_dst)
 
 
@@ -140,7 +186,7 @@ class TrainLoop:
         variables = init_variables(self.model, self.cfg, key)
         if self.cfg.train.init_from:
             variables = load_initial_weights(variables, self.cfg.train.init_from,
-                                             self.cfg.train.init_backbone_only)
+                                             self.cfg.train.init_backbone_only, model_cfg=self.cfg.model)
         tx = optimizer.build_optimizer(self.cfg.train, variables['params'],
                                        self.cfg.model.backbone.frozen_stages)
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), 1)

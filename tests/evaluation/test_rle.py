@@ -33,3 +33,44 @@ def test_rle_paths_equal_encoding_the_full_mask():
 
 def test_empty():
     assert paste_masks_to_rle(np.zeros((0, 28, 28)), np.zeros((0, 4)), (5, 6)) == []
+
+
+def _encoded(binary):
+    want = [mask_util.encode(np.asfortranarray(m.astype(np.uint8))) for m in binary]
+    for rle in want:
+        rle['counts'] = rle['counts'].decode('ascii')
+    return want
+
+
+def test_detectron2_paste_rule_reaches_the_encoding():
+    """paste_rule='pixel_centers' pastes as `paste_masks(rule='pixel_centers')` and thresholds with >=,
+    in `paste_masks_to_rle`, `encode_rle` and the COCO evaluator's workers."""
+    from mrcnn_jax.evaluation.coco_eval import CocoEvaluator, prediction_to_coco_results
+
+    rng = np.random.default_rng(6)
+    image_hw = (45, 66)
+    n = 12
+    masks = rng.random((n, 28, 28), dtype=np.float32)
+    masks[:3] = 0.5  # exactly the threshold: foreground by Detectron2's >= only
+    corner = rng.uniform(-0.2, 0.8, (n, 2)) * np.array([66, 45])
+    boxes = np.concatenate([corner, corner + rng.uniform(3, 50, (n, 2))], axis=1).astype(np.float32)
+    binary = paste_masks(masks, boxes, image_hw, threshold=0.5, rule='pixel_centers')
+    assert binary[:3].any() and binary.any(axis=(1, 2)).sum() > n // 2
+    want = _encoded(binary)
+    assert paste_masks_to_rle(masks, boxes, image_hw, chunk_size=5, paste_rule='pixel_centers') == want
+    assert paste_masks_to_rle(masks, boxes, image_hw) != want  # torchvision's rule is another paste
+    probs = paste_masks(masks, boxes, image_hw, rule='pixel_centers')
+    assert encode_rle(probs, paste_rule='pixel_centers') == want  # float input: >= 0.5
+    assert encode_rle(probs) == _encoded(probs > 0.5) != want
+
+    prediction = {'boxes': boxes, 'scores': np.linspace(1, 0.1, n, dtype=np.float32),
+                  'labels': np.ones(n, np.int64), 'mask_probs': masks}
+    results = prediction_to_coco_results(3, prediction, image_hw=image_hw, paste_rule='pixel_centers')
+    assert [r['segmentation'] for r in results] == want
+    gt = {'images': [{'id': 3, 'height': 45, 'width': 66}], 'annotations': [],
+          'categories': [{'id': 1, 'name': 'thing'}]}
+    with CocoEvaluator(gt, verbose=False, num_workers=1, paste_rule='pixel_centers') as evaluator:
+        evaluator.add(3, prediction)
+        assert [r['segmentation'] for r in evaluator.results] == want
+    with pytest.raises(ValueError, match='rule'):
+        CocoEvaluator(gt, verbose=False, paste_rule='caffe2')

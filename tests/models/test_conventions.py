@@ -115,6 +115,7 @@ def test_model_and_losses_take_their_values_from_the_conventions():
         assert model.anchor_generator.rounded == preset.anchor_rounding
         assert model.anchor_generator.stride_rule == preset.anchor_strides
         assert model.backbone.stride_in_1x1 == preset.stride_in_1x1
+        assert model.rpn_settings.min_size_strict == preset.rpn_min_size_strict
         s = LossSettings.from_config(cfg.model)
         assert (s.rpn_box_loss.kind, s.rpn_box_loss.beta) == (preset.rpn_loss_type, preset.rpn_smooth_l1_beta)
         assert (s.box_loss.kind, s.box_loss.beta) == (preset.box_loss_type, preset.box_smooth_l1_beta)
