@@ -1,10 +1,15 @@
 """Smoke test of the benchmark's machinery (mrcnn_jax/bench/), not of speed.
 
-The interleaved timer and its pair-by-pair ratios on a fake clock; `main` in-process on tiny
-micro-benchmarks (JSON rows, table, ratios recomputed from the per-pair times); one memory probe
-subprocess; the train batch built for the model cases, on synthetic images; the one-line error
-of `mrcnn-jax benchmark` where torch cannot be imported. The R50 cases themselves are far too
-slow for a test (minutes of compilation on 2 cores).
+The interleaved timer and its pair-by-pair ratios on a fake clock (two sides, and the four of
+the Detectron2 cases); `main` in-process on tiny micro-benchmarks (JSON rows, table, ratios
+recomputed from the per-pair times); one memory probe subprocess; the train batch built for the
+model cases, on synthetic images; the one-line error of `mrcnn-jax benchmark` where torch cannot
+be imported. The R50 cases themselves are far too slow for a test (minutes of compilation on 2
+cores), except the Detectron2 column of inference_b1 at 128/192 on one synthetic photo: a real
+calibrated Detectron2 R50-FPN saved as a model-zoo .pkl, loaded by `DefaultPredictor` and by
+`Predictor.from_detectron2`, timed in rounds with stand-ins for the JAX / torchvision sides. Where
+the vendored Detectron2 source is absent, the column is skipped with its reason (tested with
+$MRCNN_JAX_DETECTRON2 pointing nowhere).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from mrcnn_jax.bench import cases, cli, harness, inputs, report
+from mrcnn_jax.bench import cases, cli, context, harness, inputs, report
 
 REPO = inputs.REPO
 # Running cases needs both frameworks (and pycocotools for paste_rle_100); the rest does not.
@@ -68,6 +73,25 @@ def test_interleave_alternates_sides():
     order = []
     harness.interleave(lambda: order.append('a'), lambda: order.append('b'), runs=2, warmup=1)
     assert order == ['a', 'b'] * 4
+
+
+def test_interleave_sides_runs_rounds_in_order():
+    # The Detectron2 cases: rounds of JAX, torchvision, JAX on Detectron2's weights, Detectron2.
+    clock = FakeClock()
+    fns = {'jax': clock.workload([20.0, 1.0, 2.0]), 'torch': clock.workload([2.0, 2.0, 2.0]),
+           'jax_d2': clock.workload([25.0, 3.0, 1.0]), 'd2': clock.workload([4.0, 2.0, 4.0])}
+    order = []
+    r = harness.interleave_sides(fns, runs=2, clock=clock, on_start=lambda side: order.append(('start', side)),
+                                 on_first=lambda side, out: order.append(('first', side)))
+    assert order == [(k, side) for side in fns for k in ('start', 'first')]
+    assert r.first_s == {'jax': 20.0, 'torch': 2.0, 'jax_d2': 25.0, 'd2': 4.0}
+    assert r.runs == {'jax': [1.0, 2.0], 'torch': [2.0, 2.0], 'jax_d2': [3.0, 1.0], 'd2': [2.0, 4.0]}
+    assert r.ratios('jax', 'torch') == [0.5, 1.0] and r.ratios('jax_d2', 'd2') == [1.5, 0.25]
+    assert r.ratio('jax_d2', 'd2') == pytest.approx(0.875) and r.median('d2') == 3.0
+    seen = []
+    calls = {side: (lambda side=side: seen.append(side)) for side in ('a', 'b', 'c')}
+    harness.interleave_sides(calls, runs=2, warmup=1)
+    assert seen == ['a', 'b', 'c'] * 4
 
 
 def test_resolve_cases():
@@ -200,3 +224,80 @@ def test_benchmark_without_torch_names_the_extra_in_one_line():
     assert 'Traceback' not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [cli.NO_TORCH]
     assert 'pip install "mrcnn-jax[bench]"' in cli.NO_TORCH and cli.NO_TORCH.startswith('error: ')
+
+
+# -- the Detectron2 column ------------------------------------------------------------------------
+def _stand_ins(monkeypatch):
+    """build_case with instant stand-ins for the JAX and torchvision sides (their R50 models are
+    the slow part); the Detectron2 column's sides are the real ones."""
+    real = harness.build_case
+
+    def build(name, side, ctx):
+        if side in cases.SIDES:
+            return (lambda: {'scores': np.zeros(3)}), cases._summ_detections
+        return real(name, side, ctx)
+    monkeypatch.setattr(harness, 'build_case', build)
+
+
+def _tiny_context(runs: int = 2, **kw) -> context.Context:
+    settings = inputs.Settings(min_size=64, max_size=96, runs=runs, num_images=1, synthetic=True, **kw)
+    return context.Context(settings)
+
+
+def test_detectron2_column_is_skipped_with_its_reason(monkeypatch, tmp_path):
+    _stand_ins(monkeypatch)
+    monkeypatch.setenv('MRCNN_JAX_DETECTRON2', str(tmp_path / 'no_detectron2_here'))
+    ctx = _tiny_context()
+    assert 'Detectron2 source not found' in ctx.d2_skip_reason and str(tmp_path) in ctx.d2_skip_reason
+    row = harness.run_case('inference_b1', ctx, log=lambda msg: None)
+    assert row['d2_skipped'] == ctx.d2_skip_reason and 'd2_median_s' not in row and 'd2_error' not in row
+    assert row['jax_median_s'] is not None and row['torch_median_s'] is not None   # the rest still runs
+    line = cli.detectron2_line(ctx, ['inference_b1', 'nms_1000'])
+    assert line.startswith('column skipped (ImportError: Detectron2 source not found')
+    assert 'MRCNN_JAX_DETECTRON2' in line
+    assert cli.detectron2_line(ctx, ['nms_1000']) == ''                  # no case with the column
+    assert '| inference_b1 | Detectron2 skipped: ImportError: Detectron2 source not found' in report.format_table([row])
+    assert 'd2_skipped' not in harness.run_case('inference_b4', ctx, log=lambda msg: None)   # not a D2 case
+    off = _tiny_context(detectron2=False)
+    assert off.d2_skip_reason == 'turned off (--no-detectron2)'
+    assert cli.parse_args(['--no-detectron2']).no_detectron2 and not inputs.Settings.from_args(
+        cli.parse_args(['--no-detectron2'])).detectron2
+
+
+def test_product_and_benchmark_modules_do_not_import_detectron2():
+    code = ('import sys, mrcnn_jax, mrcnn_jax.predictor, mrcnn_jax.cli, mrcnn_jax.bench.cli, mrcnn_jax.bench.harness; '
+            'bad = [m for m in ("detectron2", "torch") if m in sys.modules]; assert not bad, bad')
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=str(REPO), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_torch
+def test_detectron2_column_at_a_tiny_size(monkeypatch):
+    # Where the vendored source is absent this skips (locally) with the reason the benchmark prints.
+    ctx = _tiny_context(runs=1)      # one timed round (the rounds' order and medians: tests above)
+    if ctx.d2_skip_reason is not None:
+        pytest.skip(f'Detectron2 column unavailable: {ctx.d2_skip_reason}')
+    _stand_ins(monkeypatch)
+    try:
+        row = harness.run_case('inference_b1', ctx, log=lambda msg: None)
+    finally:
+        ctx.close()
+    assert 'd2_error' not in row, row.get('d2_traceback')
+    assert not os.path.exists(ctx.d2_pkl)                                # close() removed the checkpoint
+    for side in cases.ALL_SIDES:                                          # four sides in the same rounds
+        assert len(row[f'{side}_runs_s']) == 1 and row[f'{side}_first_call_s'] > 0
+        assert row[f'{side}_median_s'] == pytest.approx(statistics.median(row[f'{side}_runs_s']))
+    ratios = [a / b for a, b in zip(row['jax_d2_runs_s'], row['d2_runs_s'])]
+    assert row['ratios_jax_d2'] == pytest.approx(ratios)
+    assert row['ratio_jax_d2'] == pytest.approx(statistics.median(ratios))
+    assert row['jax_d2_compile_s'] > 0 and row['jax_d2_compile_breakdown_s'].get('backend_compile', 0) > 0
+    # The same weights on both sides: Detectron2's DefaultPredictor and our Predictor of its .pkl
+    # find (nearly) the same instances on the photo.
+    n_jax, n_d2 = (int(row[f'{side}_output'].split()[-1]) for side in ('jax_d2', 'd2'))
+    assert n_d2 > 0 and abs(n_jax - n_d2) <= max(1, n_d2 // 20), (n_jax, n_d2)
+    table = report.format_table([row])
+    assert 'ratio jax/d2' in table and 'same-weights comparison with Detectron2' in table
+    assert f'| inference_b1 | 1 | {report._fmt(row["jax_median_s"], 4)} |' in table
+    assert report._fmt(row['ratio_jax_d2'], 2) in table.split('ratio jax/d2')[-1]

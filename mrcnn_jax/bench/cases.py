@@ -1,7 +1,11 @@
 """The cases: one builder per (case, side), returning a blocking fn() and a summary of its output.
 
-Both sides of a case run on the same inputs (`inputs`) and the same weights (`Context`); the
-torch side imports torch inside its builder, so that a JAX-side probe never does.
+Sides: 'jax' and 'torch' (torchvision) run on the same inputs (`inputs`) and the same weights,
+torchvision's (`Context`). The R50-FPN inference cases in D2_CASES have two more: 'jax_d2' (our
+Predictor of Detectron2's checkpoint, `Predictor.from_detectron2`) and 'd2' (Detectron2's
+`DefaultPredictor` on that checkpoint), on the same photos and the same weights, Detectron2's.
+The torch and Detectron2 sides import torch inside their builders, so that a JAX-side probe never
+does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ MICRO_CASES = ('roi_align_7x7_gather', 'roi_align_7x7_einsum', 'roi_align_14x14_
 THROUGHPUT_CASES = ('train_1024_bf16', 'inference_bf16_b8')
 CASES = MODEL_CASES + MICRO_CASES + THROUGHPUT_CASES
 SIDES = ('jax', 'torch')
+# The Detectron2 column: R50-FPN inference, end to end (DefaultPredictor) and the model alone.
+D2_CASES = ('inference_b1', 'forward_b1')
+D2_SIDES = ('jax_d2', 'd2')
+ALL_SIDES = SIDES + D2_SIDES
+TORCH_SIDES = ('torch', 'd2')     # sides that run torch (a probe of one sets torch's threads)
 TRAIN_BATCH = 2
 TORCH_LR = 0.02 * 1e-3           # = our schedule's lr at step 0 (base 0.02, warmup factor 1e-3)
 
@@ -69,9 +78,11 @@ def _torch_inference(ctx: Context, b: int, bf16: bool = False):
     return fn, _summ_detections
 
 
-def _jax_forward(ctx: Context):
+def _jax_forward(ctx: Context, p=None):
+    """The jitted model alone on one preprocessed canvas; `p`: the Predictor (default: ours of
+    torchvision's weights)."""
     import jax
-    p = ctx.predictor(1)
+    p = ctx.predictor(1) if p is None else p
     x, info, bucket = p.preprocess(ctx.samples[0].image)
     canvas = np.zeros((1, bucket[0], bucket[1], 3), np.float32)
     canvas[0, :x.shape[0], :x.shape[1]] = x
@@ -100,6 +111,53 @@ def _torch_forward(ctx: Context):
         return dets
     h, w = image_list.tensors.shape[-2:]
     return fn, lambda out: f'canvas HxW {h}x{w}, detections {len(out[0]["scores"])}'
+
+
+def _jax_d2_inference(ctx: Context):
+    """Our Predictor of Detectron2's checkpoint on one RGB photo (PIL resize on the host, as
+    Detectron2; bool masks pasted by Detectron2's rule)."""
+    p, image = ctx.d2_jax_predictor, ctx.samples[0].image
+    return (lambda: p(image)), _summ_detections
+
+
+def _summ_instances(inst) -> str:
+    return f'detections {len(inst)}'
+
+
+def _d2_inference(ctx: Context):
+    """Detectron2 as users run it: `DefaultPredictor(cfg)(image_bgr)` (under no_grad: PIL resize,
+    the model, detector_postprocess with its mask paste, bool masks), the result moved to the CPU
+    (a no-op there)."""
+    predictor, image = ctx.d2_predictor, ctx.images_bgr[0]
+    dev = ctx.device
+
+    def fn():
+        out = predictor(image)['instances'].to('cpu')
+        torch_sync(dev)
+        return out
+    return fn, _summ_instances
+
+
+def _d2_forward(ctx: Context):
+    """Detectron2's model alone on its preprocessed (normalized, padded) image: backbone,
+    proposal generator and RoI heads (detections and 28x28 masks), without the postprocess:
+    `GeneralizedRCNN.inference(do_postprocess=False)` minus `preprocess_image`."""
+    import torch
+    from mrcnn_jax.testing.detectron2_reference import model_input
+    predictor, dev = ctx.d2_predictor, ctx.device
+    model = predictor.model
+    with torch.no_grad():
+        images = model.preprocess_image([model_input(predictor.cfg, ctx.images_bgr[0])])
+
+    def fn():
+        with torch.no_grad():
+            feats = model.backbone(images.tensor)
+            proposals, _ = model.proposal_generator(images, feats, None)
+            results, _ = model.roi_heads(images, feats, proposals, None)
+        torch_sync(dev)
+        return results
+    h, w = images.tensor.shape[-2:]
+    return fn, lambda out: f'canvas HxW {h}x{w}, detections {len(out[0])}'
 
 
 def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, max_size: int,
@@ -273,6 +331,14 @@ def _torch_paste(ctx: Context):
 # -- by name -----------------------------------------------------------------------------------
 def build_case(name: str, side: str, ctx: Context) -> tuple[Callable[[], Any], Callable[[Any], str] | None]:
     j, s = side == 'jax', ctx.settings
+    if side in D2_SIDES:
+        if name not in D2_CASES:
+            raise ValueError(f'case {name!r} has no side {side!r} (Detectron2 runs in {", ".join(D2_CASES)})')
+        if name == 'inference_b1':
+            return _jax_d2_inference(ctx) if side == 'jax_d2' else _d2_inference(ctx)
+        return _jax_forward(ctx, ctx.d2_jax_predictor) if side == 'jax_d2' else _d2_forward(ctx)
+    if side not in SIDES:
+        raise ValueError(f'unknown side {side!r}; known: {", ".join(ALL_SIDES)}')
     if name in ('inference_b1', 'inference_b4'):
         b = 1 if name == 'inference_b1' else 4
         return _jax_inference(ctx, b) if j else _torch_inference(ctx, b)

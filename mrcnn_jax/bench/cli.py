@@ -29,6 +29,19 @@ state_dict with `Predictor.from_torchvision` and times, on the same real photos
   inference_bf16_b8 (GPU default) 8 photos per Predictor call, 800/1333, bf16 compute vs torch
                   autocast(bfloat16) inference; images/s and ms per image
 
+Detectron2 column (inference_b1, forward_b1): where Detectron2's source is found (vendored at
+`../shared/vendor/detectron2`, or $MRCNN_JAX_DETECTRON2; `--no-detectron2` turns it off), the run
+also builds Detectron2's `COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml` with seeded weights
+calibrated on the same photos (`mrcnn_jax.testing.detectron2_reference`), saves them as a model-zoo
+.pkl, and adds two sides to those cases' rounds (JAX, torch, JAX on Detectron2's weights,
+Detectron2): `Predictor.from_detectron2(pkl, config_file=yaml)` (Detectron2's conventions: PIL
+resize on the host, its mask paste, masks thresholded at 0.5 as Detectron2 returns them) against
+Detectron2 as users run it, `DefaultPredictor(cfg)(image_bgr)`; for forward_b1, our jitted model
+against Detectron2's backbone + proposal generator + RoI heads on its preprocessed image. The
+same-weights comparisons are JAX vs torchvision on torchvision's weights (`ratio`) and JAX vs
+Detectron2 on Detectron2's (`ratio_jax_d2`); torchvision and Detectron2 have different weights. Without
+the source the column is skipped with a message naming what is missing (rows: `d2_skipped`).
+
 Each case runs JAX and torch interleaved (A B A B ...): one first call each (JAX compiles there),
 optional warm-up pairs, then `--runs` timed pairs. A row gives the medians per side and the
 median of the per-pair ratios jax / torch (< 1: JAX is faster), JAX's compile time (XLA's own
@@ -47,7 +60,10 @@ load average after it (`load_avg`). On a GPU, JAX is started without preallocati
 
 Output: a header naming the machine, versions and thread counts, a markdown table, and with
 `--json PATH` a list of rows {"name", "jax_median_s", "torch_median_s", "ratio", "runs",
-"jax_compile_s", "torch_first_call_s", "jax_peak_memory_mb", "torch_peak_memory_mb", ...}.
+"jax_compile_s", "torch_first_call_s", "jax_peak_memory_mb", "torch_peak_memory_mb", ...}; with
+the Detectron2 column also "jax_d2_median_s", "d2_median_s", "ratio_jax_d2" (median over rounds
+of jax_d2_s / d2_s), "jax_d2_compile_s", "d2_first_call_s", "jax_d2_peak_memory_mb",
+"d2_peak_memory_mb", ..., or "d2_skipped" / "d2_error".
 `--quick`: 320/512 sizing, 2 runs, smaller RoIAlign cases (a smoke run, not a measurement).
 `--data DIR`: another COCO-style folder (annotations.json + images/) of photos, e.g. a copy of
 coco128_seg on a machine without `../shared`. On a GPU, per-case device peaks are also recorded in
@@ -63,7 +79,7 @@ import sys
 import time
 import traceback
 
-from mrcnn_jax.bench.cases import CASES, MICRO_CASES, MODEL_CASES, SIDES, THROUGHPUT_CASES
+from mrcnn_jax.bench.cases import ALL_SIDES, CASES, D2_CASES, MICRO_CASES, MODEL_CASES, THROUGHPUT_CASES
 from mrcnn_jax.bench.context import Context
 from mrcnn_jax.bench.harness import run_case
 from mrcnn_jax.bench.inputs import DATASET, Settings, padded_size, resized_size
@@ -104,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='images per step of train_1024_bf16 (default 16, quick 2)')
     p.add_argument('--micro-canvas', default='', help='HxW of the RoIAlign FPN canvas (default: the image class)')
     p.add_argument('--micro-rois', type=int, default=0, help='RoIs of both RoIAlign cases (default 1000 / 100)')
+    p.add_argument('--no-detectron2', action='store_true',
+                   help='leave out the Detectron2 column (inference_b1, forward_b1), which otherwise runs '
+                   'where its source is found (../shared/vendor/detectron2 or $MRCNN_JAX_DETECTRON2)')
     p.add_argument('--probe', nargs=2, metavar=('SIDE', 'CASE'), help=argparse.SUPPRESS)
     p.add_argument('--probe-dir', default='', help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -132,8 +151,8 @@ def main(argv=None) -> int:
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')   # JAX and torch share a GPU
     if args.probe:
         side, name = args.probe
-        if side not in SIDES or name not in CASES:
-            raise SystemExit(f'--probe SIDE CASE: SIDE in {SIDES}, CASE in {CASES}')
+        if side not in ALL_SIDES or name not in CASES:
+            raise SystemExit(f'--probe SIDE CASE: SIDE in {ALL_SIDES}, CASE in {CASES}')
         return probe_main(side, name, args.probe_dir)
 
     try:
@@ -147,7 +166,32 @@ def main(argv=None) -> int:
     names = resolve_cases(args.only, gpu=torch.cuda.is_available())
     settings = Settings.from_args(args)
     ctx = Context(settings)
+    try:
+        return _run(args, names, ctx)
+    finally:
+        ctx.close()
+
+
+def detectron2_line(ctx: Context, names: list[str]) -> str:
+    """The header's Detectron2 line: what runs, or why the column is skipped ('' when no case
+    selected has the column)."""
+    if not any(n in D2_CASES for n in names):
+        return ''
+    reason = ctx.d2_skip_reason
+    if reason is not None:
+        return (f'column skipped ({reason}); JAX and torchvision only. The Detectron2 column needs its '
+                'source (../shared/vendor/detectron2, or $MRCNN_JAX_DETECTRON2) and its pip dependencies')
+    import detectron2
+    from mrcnn_jax.testing.detectron2_reference import detectron2_root
+    return (f'{getattr(detectron2, "__version__", "?")} from {detectron2_root()} (no C++ extension), '
+            f'{ctx.settings.d2_config}, on {ctx.device}, in {", ".join(n for n in names if n in D2_CASES)}')
+
+
+def _run(args: argparse.Namespace, names: list[str], ctx: Context) -> int:
+    settings = ctx.settings
     info = machine_info()
+    info['detectron2'] = detectron2_line(ctx, names)
+    info['detectron2_used'] = bool(info['detectron2']) and ctx.d2_skip_reason is None
     needs_images = any(n not in MICRO_CASES for n in names)
     source = ctx.samples_source if needs_images else 'none (micro-benchmarks only)'
     print(format_header(info, settings, source), flush=True)
@@ -161,6 +205,16 @@ def main(argv=None) -> int:
         ctx.tv_model
         print(f'torchvision model built and calibrated on these images in {time.perf_counter() - t0:.1f} s '
               f'(load {load_avg()})', flush=True)
+    if info['detectron2_used']:
+        t0 = time.perf_counter()
+        try:
+            ctx.d2_pkl
+            print(f"Detectron2's model built, calibrated on these images and saved as a model-zoo .pkl in "
+                  f'{time.perf_counter() - t0:.1f} s (load {load_avg()})', flush=True)
+        except Exception:  # each Detectron2 case records the error; the rest goes on
+            print(traceback.format_exc(), file=sys.stderr, flush=True)
+            print("Detectron2's model could not be built: its column fails in every case (JAX and "
+                  'torchvision still run)', flush=True)
     label = device_label(info)
     rows: list[dict] = []
 
@@ -182,11 +236,18 @@ def main(argv=None) -> int:
         row['device'] = label
         if ctx.tv_build_s is not None and name not in MICRO_CASES:
             row['torch_model_build_s'] = ctx.tv_build_s
+        if ctx.d2_build_s is not None and name in D2_CASES:
+            row['d2_model_build_s'] = ctx.d2_build_s
+        if row.get('d2_error'):
+            failed = True
         rows.append(row)
         if row.get('jax_median_s') is not None:
+            d2 = (f', jax on d2 weights {row["jax_d2_median_s"]:.4f} s, detectron2 {row["d2_median_s"]:.4f} s, '
+                  f'ratio jax/d2 {row["ratio_jax_d2"]:.3f} (first calls {row["jax_d2_first_call_s"]:.2f} / '
+                  f'{row["d2_first_call_s"]:.2f} s)' if row.get('d2_median_s') is not None else '')
             print(f'  jax {row["jax_median_s"]:.4f} s, torch {row["torch_median_s"]:.4f} s, ratio '
                   f'{row["ratio"]:.3f}, jax first call {row["jax_first_call_s"]:.2f} s, torch first call '
-                  f'{row["torch_first_call_s"]:.2f} s{format_outputs(row)} '
+                  f'{row["torch_first_call_s"]:.2f} s{d2}{format_outputs(row)} '
                   f'load {row["load_avg"]}', flush=True)
         save()
 
@@ -195,6 +256,8 @@ def main(argv=None) -> int:
 
     print('\n' + format_table(rows), flush=True)
     print(f'\nratio = median over pairs of jax_s / torch_s (< 1: JAX faster); load average at end: {load_avg()}')
+    if any(r.get('d2_median_s') is not None for r in rows):
+        print("ratio jax/d2 = median over rounds of jax_s / detectron2_s, both on Detectron2's weights")
     if args.json:
         write_json(args.json, rows)
         print(f'wrote {args.json}')

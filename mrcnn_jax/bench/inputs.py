@@ -18,6 +18,9 @@ DATASET = SHARED_DATA / 'coco128_seg'
 REFERENCE_HW = (427, 640)        # a 640x427 COCO photo: 800x1201 at 800/1333, padded 800x1216
 PASTE_IMAGE_HW = (427, 640)
 NUM_IMAGES = 4
+# The Detectron2 column: this model-zoo config (the vendored source's configs/), R50-FPN as
+# torchvision's maskrcnn_resnet50_fpn; its own weights, calibrated like torchvision's.
+D2_CONFIG = 'COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml'
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -39,6 +42,9 @@ class Settings:
     images: tuple[str, ...] = ()    # file names in the dataset; () picks them (see select_samples)
     synthetic: bool = False         # force synthetic images even when the dataset is present
     data: str = str(DATASET)        # a COCO-style folder: annotations.json + images/
+    num_images: int = NUM_IMAGES    # photos picked (inference_b4 takes 4, cycling if fewer)
+    detectron2: bool = True         # the Detectron2 column where its source is found
+    d2_config: str = D2_CONFIG      # its model-zoo config
     seed: int = 0
 
     @classmethod
@@ -69,6 +75,7 @@ class Settings:
         s.synthetic = bool(args.synthetic)
         if args.data:
             s.data = args.data
+        s.detectron2 = not getattr(args, 'no_detectron2', False)
         return s
 
     def to_json(self) -> dict:

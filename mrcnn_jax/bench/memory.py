@@ -1,7 +1,8 @@
 """Peak memory per side and case, each in a fresh subprocess that never imports the other
 side's framework (`python -m mrcnn_jax.bench.cli --probe SIDE CASE --probe-dir DIR`): the
-process's peak RSS (VmHWM) and, on a GPU, the device's peak. Also the in-process device peaks
-that `run_case` records beside its timings."""
+process's peak RSS (VmHWM) and, on a GPU, the device's peak; the Detectron2 column's sides
+('jax_d2', 'd2') too where the row timed them. Also the in-process device peaks that `run_case`
+records beside its timings."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-from mrcnn_jax.bench.cases import MICRO_CASES, MODEL_CASES, SIDES, build_case
+from mrcnn_jax.bench.cases import D2_SIDES, MICRO_CASES, MODEL_CASES, SIDES, TORCH_SIDES, build_case
 from mrcnn_jax.bench.context import Context
 from mrcnn_jax.bench.inputs import REPO, Settings
 from mrcnn_jax.bench.report import cores, load_avg
@@ -82,7 +83,7 @@ def probe_main(side: str, name: str, probe_dir: str) -> int:
     print its peak memory as `PROBE {json}`."""
     with open(os.path.join(probe_dir, 'settings.json')) as f:
         settings = Settings.from_json(json.load(f))
-    if side == 'torch':
+    if side in TORCH_SIDES:
         import torch
         torch.set_num_threads(cores())
     ctx = Context(settings, probe_dir=probe_dir)
@@ -95,7 +96,7 @@ def probe_main(side: str, name: str, probe_dir: str) -> int:
     steady = time.perf_counter() - t0
     report = {'side': side, 'case': name, 'rss_peak_mb': peak_rss_mb(),
               'first_call_s': first, 'steady_s': steady, 'device_peak_mb': None}
-    if side == 'jax':
+    if side not in TORCH_SIDES:
         import jax
         stats = jax.devices()[0].memory_stats() or {}
         if 'peak_bytes_in_use' in stats:
@@ -120,12 +121,14 @@ def probe_rows(ctx: Context, rows: Sequence[dict], which: str, save: Callable[[]
     failed = False
     print('\n## peak memory (one subprocess per side and case)', flush=True)
     with_model = any(r['name'] not in MICRO_CASES for r in probed)
+    with_d2 = any(r.get('d2_median_s') is not None for r in probed)
     probe_dir = tempfile.mkdtemp(prefix='mrcnn_bench_probe_')
     try:
-        ctx.save_for_probes(probe_dir, with_model)
+        ctx.save_for_probes(probe_dir, with_model, with_d2)
         ctx.release_models()
         for row in probed:
-            for side in SIDES:
+            sides = SIDES + (D2_SIDES if row.get('d2_median_s') is not None else ())
+            for side in sides:
                 rep = probe_memory(row['name'], side, probe_dir)
                 if 'error' in rep:
                     failed = True

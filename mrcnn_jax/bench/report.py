@@ -85,9 +85,12 @@ def device_label(info: dict) -> str:
     return f'{info["cpu"]} x{info["cores"]} cores (CPU)'
 
 
+_D2_ROUND = "; in the Detectron2 cases rounds of JAX, torch, JAX on Detectron2's weights, Detectron2"
+
+
 def format_header(info: dict, settings: Settings, source: str) -> str:
     lines = [
-        '# mrcnn_jax vs torchvision',
+        '# mrcnn_jax vs torchvision' + (' and Detectron2' if info.get('detectron2_used') else ''),
         f'- machine: {info["cpu"]}, {info["cores"]} cores available ({info["cpu_count"]} online), '
         f'{info.get("memory_gib", "?")} GiB RAM; GPU: {info["gpu"]}',
         f'- jax {info["jax"]} (jaxlib {info["jaxlib"]}, backend {info["jax_backend"]}, devices '
@@ -97,8 +100,10 @@ def format_header(info: dict, settings: Settings, source: str) -> str:
         f'- torch {info["torch"]}, torchvision {info["torchvision"]} on {info["torch_device"]}: '
         f'{info["torch_threads"]} intra-op / {info["torch_interop_threads"]} inter-op threads',
         f'- settings: {settings.min_size}/{settings.max_size} sizing, {settings.runs} timed pairs '
-        f'(interleaved JAX, torch) after first calls{" (QUICK: smoke run)" if settings.quick else ""}',
+        f'(interleaved JAX, torch{_D2_ROUND if info.get("detectron2_used") else ""}) after first calls'
+        f'{" (QUICK: smoke run)" if settings.quick else ""}',
         f'- images: {source}',
+    ] + ([f'- Detectron2: {info["detectron2"]}'] if info.get('detectron2') else []) + [
         f'- load average at start: {info["load_avg_start"]}',
     ]
     return '\n'.join(lines)
@@ -127,6 +132,9 @@ def format_table(rows: Sequence[dict]) -> str:
             r['name'], str(r['runs']), _fmt(r['jax_median_s'], 4), _fmt(r['torch_median_s'], 4),
             _fmt(r['ratio'], 2), _fmt(r.get('jax_compile_s'), 1), _fmt(r.get('torch_first_call_s'), 2),
             _fmt(r.get('jax_peak_memory_mb'), 0), _fmt(r.get('torch_peak_memory_mb'), 0), load]) + ' |')
+    d2 = format_d2_table(rows)
+    if d2:
+        out += ['', d2]
     rates = [r for r in rows if r.get('jax_images_per_s') is not None]
     if rates:
         out += ['', '| case | images per call | JAX images/s | torch images/s | JAX ms/image | torch ms/image |',
@@ -138,11 +146,43 @@ def format_table(rows: Sequence[dict]) -> str:
     return '\n'.join(out)
 
 
+D2_TABLE_NOTE = ("Detectron2 column: JAX (`Predictor.from_detectron2`) and Detectron2 (`DefaultPredictor`) "
+                 "on the same weights, Detectron2's calibrated checkpoint: the same-weights comparison "
+                 "with Detectron2 is ratio jax/d2. torchvision runs its own weights (the same-weights "
+                 "comparison with torchvision is ratio jax/tv, the table above); all four in the same rounds.")
+
+
+def format_d2_table(rows: Sequence[dict]) -> str:
+    """The Detectron2 column of the rows that have one (timed, skipped or failed); '' if none."""
+    d2_rows = [r for r in rows if r.get('d2_median_s') is not None or r.get('d2_skipped') or r.get('d2_error')]
+    if not d2_rows:
+        return ''
+    head = ('case', 'runs', 'JAX s (tv weights)', 'torchvision s', 'ratio jax/tv', 'JAX s (d2 weights)',
+            'Detectron2 s', 'ratio jax/d2', 'JAX compile s (d2 weights)', 'Detectron2 1st call s',
+            'JAX peak MB (d2 weights)', 'Detectron2 peak MB', 'load 1/5/15')
+    out = [D2_TABLE_NOTE, '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in d2_rows:
+        if r.get('d2_median_s') is None:
+            why = (f'Detectron2 skipped: {r["d2_skipped"]}' if r.get('d2_skipped') else
+                   f'Detectron2 error: {r["d2_error"].splitlines()[0][:80]}')
+            out.append(f'| {r["name"]} | {why} |' + ' |' * (len(head) - 2))
+            continue
+        load = '/'.join(str(x) for x in r.get('load_avg') or []) or '-'
+        out.append('| ' + ' | '.join([
+            r['name'], str(r['runs']), _fmt(r['jax_median_s'], 4), _fmt(r['torch_median_s'], 4),
+            _fmt(r['ratio'], 2), _fmt(r['jax_d2_median_s'], 4), _fmt(r['d2_median_s'], 4),
+            _fmt(r['ratio_jax_d2'], 2), _fmt(r.get('jax_d2_compile_s'), 1), _fmt(r.get('d2_first_call_s'), 2),
+            _fmt(r.get('jax_d2_peak_memory_mb'), 0), _fmt(r.get('d2_peak_memory_mb'), 0), load]) + ' |')
+    return '\n'.join(out)
+
+
 def format_outputs(row: dict) -> str:
-    """The two sides' output summaries of a row, for its progress line ('' when it has none)."""
+    """The sides' output summaries of a row, for its progress line ('' when it has none)."""
     if row.get('jax_output') is None and row.get('torch_output') is None:
         return ''
-    return f'  [jax: {row.get("jax_output")} | torch: {row.get("torch_output")}]'
+    d2 = (f' | jax (d2 weights): {row.get("jax_d2_output")} | detectron2: {row.get("d2_output")}'
+          if row.get('d2_median_s') is not None else '')
+    return f'  [jax: {row.get("jax_output")} | torch: {row.get("torch_output")}{d2}]'
 
 
 def write_json(path: str, rows: Sequence[dict]) -> None:

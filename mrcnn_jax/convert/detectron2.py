@@ -374,6 +374,9 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     b.depth = int(g('MODEL.RESNETS.DEPTH'))
     need(b.depth in (50, 101, 152), 'MODEL.RESNETS.DEPTH')
     b.width = int(g('MODEL.RESNETS.STEM_OUT_CHANNELS'))
+    # Detectron2's bottleneck width is NUM_GROUPS x WIDTH_PER_GROUP x 2^stage, ours scales with
+    # the stem width too: the two agree for the stem of 64 that every zoo model has.
+    need(b.width == 64, 'MODEL.RESNETS.STEM_OUT_CHANNELS')
     b.groups = int(g('MODEL.RESNETS.NUM_GROUPS'))
     b.width_per_group = int(g('MODEL.RESNETS.WIDTH_PER_GROUP'))
     need(int(g('MODEL.RESNETS.RES2_OUT_CHANNELS')) == 4 * b.width, 'MODEL.RESNETS.RES2_OUT_CHANNELS')

@@ -134,6 +134,7 @@ def test_unsupported_zoo_configs_name_the_key(config, key):
     ('INPUT:\n  CROP:\n    ENABLED: True\n', 'INPUT.CROP.ENABLED'),
     ('MODEL:\n  ROI_MASK_HEAD:\n    POOLER_TYPE: "ROIAlign"\n', 'MODEL.ROI_MASK_HEAD.POOLER_TYPE'),
     ('MODEL:\n  TYPO_KEY: 1\n', 'MODEL.TYPO_KEY'),
+    ('MODEL:\n  RESNETS:\n    STEM_OUT_CHANNELS: 32\n    RES2_OUT_CHANNELS: 128\n', 'STEM_OUT_CHANNELS'),
 ])
 def test_unsupported_keys_are_named(tmp_path, body, key):
     path = _write_yaml(tmp_path / 'x.yaml', R50, body)
