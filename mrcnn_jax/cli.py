@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mrcnn_jax.data import cli as data_cli
     data_cli.add_subcommands(d.add_subparsers(dest='data_command', required=True))
 
-    b = sub.add_parser('benchmark', help='JAX vs torchvision timings (see mrcnn-jax benchmark --help)')
+    b = sub.add_parser('benchmark', help='JAX vs torchvision and Detectron2 timings (see mrcnn-jax benchmark --help)')
     b.add_argument('rest', nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_benchmark)
 

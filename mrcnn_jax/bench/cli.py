@@ -1,4 +1,5 @@
-"""JAX against torchvision on the same weights, images and machine (issue 6, section 1).
+"""JAX against torchvision, and for R50-FPN inference Detectron2, each on the same weights, images
+and machine (issue 6, section 1).
 
     python scripts/benchmark.py [--quick] [--only NAME[,NAME]] [--runs N] [--json PATH]
     mrcnn-jax benchmark [the same arguments]
