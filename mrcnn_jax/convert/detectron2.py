@@ -46,7 +46,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from mrcnn_jax.convert.torchvision import StateDictError
+from mrcnn_jax.convert.common import StateDictError, map_state_dict
 
 __all__ = ['Detectron2ConfigError', 'StateDictError', 'config_from_yaml', 'load_checkpoint',
            'convert_state_dict', 'coco_labels']
@@ -598,47 +598,12 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ml_collections.ConfigD
     """Map a Detectron2 state_dict onto the Flax variables of `build_model(cfg)` (cfg: the model
     section from `config_from_yaml`). Raises StateDictError naming every missing, unexpected and
     mis-shaped key; nothing is returned half-converted."""
-    import flax
-
     from mrcnn_jax.models.mask_rcnn import abstract_variables
 
     if expected is None:
         expected = abstract_variables(cfg)
-    flat_expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
-    table = _expected_keys(cfg)
-    missing = [k for k in table if k not in sd]
-    unexpected = [k for k in sd if k not in table]
-    flat, bad_shape = {}, []
-    for dkey, fpath in table.items():
-        if dkey not in sd:
-            continue
-        if fpath not in flat_expected:
-            raise AssertionError(f'converter table names {fpath}, which the model lacks')
-        target = tuple(flat_expected[fpath].shape)
-        try:
-            val = _to_flax(dkey, np.asarray(sd[dkey], np.float32), cfg)
-        except (ValueError, StateDictError) as e:
-            bad_shape.append(f'{dkey} {tuple(np.shape(sd[dkey]))}: {e}')
-            continue
-        if tuple(val.shape) != target:
-            bad_shape.append(f'{dkey}: shape {tuple(np.shape(sd[dkey]))} does not give the expected '
-                             f'{target} for {"/".join(fpath)}')
-            continue
-        flat[fpath] = val
-    not_covered = [p for p in flat_expected if p not in table.values()]
-    problems = []
-    if missing:
-        problems.append(f'missing keys ({len(missing)}): {", ".join(missing[:20])}' + (' ...' if len(missing) > 20 else ''))
-    if unexpected:
-        problems.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:20])}'
-                        + (' ...' if len(unexpected) > 20 else ''))
-    if bad_shape:
-        problems.append('mis-shaped keys: ' + '; '.join(bad_shape[:20]))
-    if not_covered:
-        problems.append('model variables with no source: ' + ', '.join('/'.join(p) for p in not_covered[:20]))
-    if problems:
-        raise StateDictError('checkpoint does not match its config:\n  ' + '\n  '.join(problems))
-    return flax.traverse_util.unflatten_dict(flat)
+    return map_state_dict(sd, _expected_keys(cfg), lambda key, v: _to_flax(key, v, cfg), expected,
+                          'checkpoint (with its config)')
 
 
 def config_with_overrides(cfg: ml_collections.ConfigDict, *, score_thresh=None, nms_thresh=None,

@@ -25,10 +25,7 @@ import ml_collections
 import numpy as np
 
 from mrcnn_jax.config import default_model_config
-
-
-class StateDictError(ValueError):
-    """A state_dict does not fit the model: the message names missing/unexpected/mis-shaped keys."""
+from mrcnn_jax.convert.common import StateDictError, map_state_dict  # noqa: F401 (re-exported)
 
 
 def load_state_dict(path_or_sd: Any) -> dict[str, np.ndarray]:
@@ -206,45 +203,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], cfg: ml_collections.ConfigD
     expected: the model's variable shapes (e.g. from jax.eval_shape of init); computed when None.
     Raises StateDictError naming every missing, unexpected and mis-shaped key.
     """
-    import flax
-
     from mrcnn_jax.models.mask_rcnn import abstract_variables
 
     if expected is None:
         expected = abstract_variables(cfg)
-    flat_expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
-    table = _expected_torch_keys(cfg)
-    missing = [k for k in table if k not in sd]
-    unexpected = [k for k in sd if k not in table]
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-    bad_shape = []
-    for tkey, fpath in table.items():
-        if tkey not in sd:
-            continue
-        if fpath not in flat_expected:
-            raise AssertionError(f'converter table names {fpath}, which the model lacks')
-        target = tuple(flat_expected[fpath].shape)
-        try:
-            val = _to_flax(tkey, sd[tkey], cfg)
-        except (ValueError, StateDictError) as e:
-            bad_shape.append(f'{tkey}: {e}')
-            continue
-        if tuple(val.shape) != target:
-            bad_shape.append(f'{tkey}: torch shape {tuple(np.shape(sd[tkey]))} does not give the '
-                             f'expected {target} for {"/".join(fpath)}')
-            continue
-        flat[fpath] = val
-    not_covered = [p for p in flat_expected if p not in table.values()]
-    problems = []
-    if missing:
-        problems.append(f'missing keys ({len(missing)}): {", ".join(missing[:20])}' + (' ...' if len(missing) > 20 else ''))
-    if unexpected:
-        problems.append(f'unexpected keys ({len(unexpected)}): {", ".join(unexpected[:20])}'
-                        + (' ...' if len(unexpected) > 20 else ''))
-    if bad_shape:
-        problems.append('mis-shaped keys: ' + '; '.join(bad_shape[:20]))
-    if not_covered:
-        problems.append('model variables with no source: ' + ', '.join('/'.join(p) for p in not_covered[:20]))
-    if problems:
-        raise StateDictError('state_dict does not match the model:\n  ' + '\n  '.join(problems))
-    return flax.traverse_util.unflatten_dict(flat)
+    return map_state_dict(sd, _expected_torch_keys(cfg), lambda key, v: _to_flax(key, v, cfg), expected,
+                          'state_dict')
