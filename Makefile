@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 BASE   := $(VENV)/.installed-base
 TEST   := $(VENV)/.installed-test
-PYTEST_ARGS ?=
+# Two workers (the CI machine's two cores), a test file per worker at a time: tests/conftest.py
+# orders the files longest first. PYTEST_ARGS= runs in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 DEMO_DIR ?= demo_out
 
 .PHONY: test demo venv clean
