@@ -112,9 +112,12 @@ def _cmd_convert(args, overrides) -> int:
     out = save_model_dir(args.output, p.config, jax.device_get(p.variables), meta)
     m = p.config.model
     kind = 'Mask R-CNN' if m.mask_on else 'Faster R-CNN'
+    if m.roi.heads == 'cascade':
+        kind = f'Cascade {kind}'
     arch = f'X{m.backbone.depth}-{m.backbone.groups}x{m.backbone.width_per_group}d' if m.backbone.groups > 1 \
         else f'R{m.backbone.depth}'
-    print(f'converted {args.source} {kind} {arch}-FPN ({m.num_classes} classes with the background; labels: '
+    layout = 'FPN' if m.fpn.enabled else 'C4'
+    print(f'converted {args.source} {kind} {arch}-{layout} ({m.num_classes} classes with the background; labels: '
           f'{p.label_space}) -> {out}')
     return 0
 

@@ -32,12 +32,15 @@ def default_model_config() -> ml_collections.ConfigDict:
     b.norm = 'frozen_bn'                   # 'frozen_bn' (pretrained weights) or 'gn' (from scratch)
     b.norm_eps = 0.0                       # FrozenBN eps; torchvision v1 COCO weights use 0
     b.frozen_stages = 2                    # 0: nothing, 1: stem, k: stem + res2..res(k)  (tv: 3 trainable)
+    b.return_levels = (2, 3, 4, 5)         # C2..C5 into the FPN; (4,): C4 (res5 in the RoI heads)
 
     f = m.fpn = ml_collections.ConfigDict()
+    f.enabled = True                       # False: C4 (RPN and RoI heads on res4, roi.heads='res5')
     f.channels = 256
 
     a = m.anchors = ml_collections.ConfigDict()
-    a.sizes = (32, 64, 128, 256, 512)      # one size per level P2..P6
+    a.sizes = (32, 64, 128, 256, 512)      # one size per level P2..P6, or a tuple of sizes per
+                                           # level: C4 has ((32, 64, 128, 256, 512),) on res4
     a.aspect_ratios = (0.5, 1.0, 2.0)      # h / w
 
     r = m.rpn = ml_collections.ConfigDict()
@@ -53,7 +56,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     r.positive_fraction = 0.5
 
     h = m.roi = ml_collections.ConfigDict()
-    h.heads = 'standard'                   # models/roi_heads.py ROI_HEADS
+    h.heads = 'standard'                   # models/roi_heads.py ROI_HEADS: 'standard', 'res5' (C4),
+                                           # 'cascade'
     h.box_head = '2fc'                     # models/heads: BOX_HEADS
     h.box_predictor = 'fast_rcnn'          # BOX_PREDICTORS
     h.mask_head = 'conv_upsample'          # MASK_HEADS (when mask_on)
@@ -62,6 +66,10 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.batch_size_per_image = 512
     h.positive_fraction = 0.25
     h.box_weights = (10.0, 10.0, 5.0, 5.0)
+    # heads='cascade': one box stage per IoU threshold (stage 0 matches at fg_iou_thresh), each
+    # decoding class-agnostic deltas with its own weights (Detectron2's ROI_BOX_CASCADE_HEAD)
+    h.cascade_ious = (0.5, 0.6, 0.7)
+    h.cascade_box_weights = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
     h.box_pool_size = 7
     h.mask_pool_size = 14
     h.max_sampling_ratio = 8               # static bound of the adaptive grid (sampling ratio 0)

@@ -81,13 +81,16 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     saved = migrate_legacy_config(json.loads(text))
     cfg = default_config()
 
+    def as_tuple(v):   # JSON arrays back to the (nested) tuples of the schema
+        return tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+
     def merge(dst, src):
         for k, v in src.items():
             if isinstance(v, dict) and k in dst and isinstance(dst[k], ml_collections.ConfigDict):
                 merge(dst[k], v)
             else:
                 with dst.ignore_type():
-                    dst[k] = tuple(v) if isinstance(v, list) else v
+                    dst[k] = as_tuple(v)
     merge(cfg, saved)
     return cfg
 

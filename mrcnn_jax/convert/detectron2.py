@@ -21,13 +21,18 @@ say so:
     theirs[i]) and the box and mask predictors get a zero background slot at index 0, which is
     never read (detection drops class 0). Softmax is invariant to the permutation, so scores
     are Detectron2's;
-  * FrozenBatchNorm2d buffers go to the 'frozen' collection (eps 1e-5: `backbone.norm_eps`).
+  * FrozenBatchNorm2d buffers go to the 'frozen' collection (eps 1e-5: `backbone.norm_eps`);
+  * C4 (`Res5ROIHeads`): the backbone's keys have no `bottom_up.` and stop at res4; res5 is
+    `roi_heads.res5.*` (our `roi_heads/res5/block{j}`). Cascade: stage k's `box_head.{k}` and
+    `box_predictor.{k}` are our `box_heads_{k}` / `box_predictors_{k}`; its regression is
+    class-agnostic (4 rows, no background slot to add).
 """
 
 from __future__ import annotations
 
 import pathlib
 import pickle
+import re
 from typing import Any, Mapping
 
 import ml_collections
@@ -98,11 +103,14 @@ def load_checkpoint(path_or_sd: Any) -> dict[str, np.ndarray]:
 
 
 def _expected_keys(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
-    """Detectron2 key -> (collection, *flax path)."""
+    """Detectron2 key -> (collection, *flax path), for FPN, C4 (`roi.heads` 'res5': the backbone
+    is `backbone.*` without `bottom_up`, res5 is `roi_heads.res5.*`) and Cascade (per-stage
+    `roi_heads.box_head.{k}` / `box_predictor.{k}`)."""
     from mrcnn_jax.models.resnet import STAGE_BLOCKS
     kind, blocks = STAGE_BLOCKS[cfg.backbone.depth]
     if kind != 'bottleneck':
-        raise StateDictError(f'ResNet-{cfg.backbone.depth} has basic blocks; Detectron2 FPN models use bottlenecks')
+        raise StateDictError(f'ResNet-{cfg.backbone.depth} has basic blocks; Detectron2 R-CNNs use bottlenecks')
+    heads = cfg.roi.heads
     m: dict[str, tuple[str, ...]] = {}
 
     def conv_bn(dprefix, fconv, fbn):
@@ -110,27 +118,46 @@ def _expected_keys(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]
         for n in ('weight', 'bias', 'running_mean', 'running_var'):
             m[f'{dprefix}.norm.{n}'] = ('frozen',) + fbn + (n,)
 
-    conv_bn('backbone.bottom_up.stem.conv1', ('backbone', 'conv1'), ('backbone', 'bn1'))
-    for i, n in enumerate(blocks):
+    def bottleneck(dp, fp):
+        for c in ('conv1', 'conv2', 'conv3'):
+            conv_bn(f'{dp}.{c}', fp + (c,), fp + (f'bn{c[-1]}',))
+
+    def linear(dname, fpath):
+        m[f'{dname}.weight'] = ('params',) + fpath + ('kernel',)
+        m[f'{dname}.bias'] = ('params',) + fpath + ('bias',)
+
+    bottom_up = 'backbone.bottom_up' if cfg.fpn.enabled else 'backbone'
+    conv_bn(f'{bottom_up}.stem.conv1', ('backbone', 'conv1'), ('backbone', 'bn1'))
+    for i, n in enumerate(blocks[:max(cfg.backbone.return_levels) - 1]):
         for j in range(n):
-            dp = f'backbone.bottom_up.res{i + 2}.{j}'
-            fp = ('backbone', f'layer{i + 1}_{j}')
-            for c in ('conv1', 'conv2', 'conv3'):
-                conv_bn(f'{dp}.{c}', fp + (c,), fp + (f'bn{c[-1]}',))
+            dp, fp = f'{bottom_up}.res{i + 2}.{j}', ('backbone', f'layer{i + 1}_{j}')
+            bottleneck(dp, fp)
             if j == 0:
                 conv_bn(f'{dp}.shortcut', fp + ('downsample_conv',), fp + ('downsample_bn',))
-    for i in range(4):
-        for d, f in (('fpn_lateral', 'inner'), ('fpn_output', 'layer')):
-            m[f'backbone.{d}{i + 2}.weight'] = ('params', 'fpn', f'{f}{i}', 'kernel')
-            m[f'backbone.{d}{i + 2}.bias'] = ('params', 'fpn', f'{f}{i}', 'bias')
+    if cfg.fpn.enabled:
+        for i in range(4):
+            for d, f in (('fpn_lateral', 'inner'), ('fpn_output', 'layer')):
+                linear(f'backbone.{d}{i + 2}', ('fpn', f'{f}{i}'))
     for d, f in (('conv', 'conv'), ('objectness_logits', 'cls_logits'), ('anchor_deltas', 'bbox_pred')):
-        m[f'proposal_generator.rpn_head.{d}.weight'] = ('params', 'rpn_head', f, 'kernel')
-        m[f'proposal_generator.rpn_head.{d}.bias'] = ('params', 'rpn_head', f, 'bias')
-    for d, f in (('box_head.fc1', ('box_head', 'fc6')), ('box_head.fc2', ('box_head', 'fc7')),
-                 ('box_predictor.cls_score', ('box_predictor', 'cls_score')),
-                 ('box_predictor.bbox_pred', ('box_predictor', 'bbox_pred'))):
-        m[f'roi_heads.{d}.weight'] = ('params', 'roi_heads') + f + ('kernel',)
-        m[f'roi_heads.{d}.bias'] = ('params', 'roi_heads') + f + ('bias',)
+        linear(f'proposal_generator.rpn_head.{d}', ('rpn_head', f))
+    if heads == 'res5':
+        for j in range(blocks[3]):
+            dp, fp = f'roi_heads.res5.{j}', ('roi_heads', 'res5', f'block{j}')
+            bottleneck(dp, fp)
+            if j == 0:
+                conv_bn(f'{dp}.shortcut', fp + ('downsample_conv',), fp + ('downsample_bn',))
+        stages = [(None, 'box_predictor')]              # no box head: res5's spatial mean
+    elif heads == 'cascade':
+        stages = [(f'box_heads_{k}', f'box_predictors_{k}') for k in range(len(cfg.roi.cascade_ious))]
+    else:
+        stages = [('box_head', 'box_predictor')]
+    for k, (fhead, fpred) in enumerate(stages):
+        stage = f'.{k}' if heads == 'cascade' else ''
+        if fhead is not None:
+            linear(f'roi_heads.box_head{stage}.fc1', ('roi_heads', fhead, 'fc6'))
+            linear(f'roi_heads.box_head{stage}.fc2', ('roi_heads', fhead, 'fc7'))
+        linear(f'roi_heads.box_predictor{stage}.cls_score', ('roi_heads', fpred, 'cls_score'))
+        linear(f'roi_heads.box_predictor{stage}.bbox_pred', ('roi_heads', fpred, 'bbox_pred'))
     if cfg.mask_on:
         mask = ('params', 'roi_heads', 'mask_head')
         for i in range(cfg.roi.mask_head_convs):
@@ -158,12 +185,17 @@ def _with_background(v: np.ndarray, k: int, per_class: int) -> np.ndarray:
     return np.concatenate([np.zeros((per_class,) + v.shape[1:], v.dtype), v], axis=0)
 
 
+_STAGE = re.compile(r'\.\d+(?=\.)')   # 'roi_heads.box_head.2.fc1.weight' -> 'roi_heads.box_head.fc1.weight'
+
+
 def _to_flax(key: str, v: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     k = cfg.num_classes - 1
+    if key.startswith(('roi_heads.box_head.', 'roi_heads.box_predictor.')):
+        key = _STAGE.sub('', key, count=1)     # Cascade's stages map alike
     if key.startswith('roi_heads.box_predictor.cls_score.'):
         v = _background_first(v, k)
-    elif key.startswith('roi_heads.box_predictor.bbox_pred.'):
-        v = _with_background(v, k, 4)
+    elif key.startswith('roi_heads.box_predictor.bbox_pred.') and cfg.roi.heads != 'cascade':
+        v = _with_background(v, k, 4)          # Cascade's regression is class-agnostic: 4 rows
     elif key.startswith('roi_heads.mask_head.predictor.'):
         v = _with_background(v, k, 1)
     if key == 'roi_heads.mask_head.deconv.weight':

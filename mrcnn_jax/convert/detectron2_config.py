@@ -4,8 +4,9 @@ Detectron2 builds its model from a yaml file (with `_BASE_` chains) on top of it
 (`detectron2/config/defaults.py`). We read the yaml chain ourselves (PyYAML; Detectron2 is never
 imported) over the subset of those defaults that decide the architecture and its pre- and
 post-processing (`_DEFAULTS`), and map each key onto our config (`config_from_yaml`). Every key
-the chain sets is accounted for: read, checked against the one value we support (`_REQUIRE`:
-e.g. deformable convolution, norms in the heads, a C4 backbone are refused with the key named),
+the chain sets is accounted for: read, checked against the one value we support (`_REQUIRE`,
+per architecture `_ARCHITECTURES`: FPN, C4 and Cascade; e.g. deformable convolution, norms in the
+heads, or an FPN backbone under Res5ROIHeads are refused with the key named),
 or ignored because it only concerns Detectron2's solver, data loader or logging (`_IGNORED`).
 Anything else is an error naming the key, so an unsupported feature never loads silently.
 
@@ -108,6 +109,9 @@ _DEFAULTS: dict[str, Any] = {
     'MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES': False,
     'MODEL.ROI_BOX_HEAD.USE_FED_LOSS': False,
     'MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE': False,
+    'MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS': [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0],
+                                                   [30.0, 30.0, 15.0, 15.0]],
+    'MODEL.ROI_BOX_CASCADE_HEAD.IOUS': [0.5, 0.6, 0.7],
     'MODEL.ROI_MASK_HEAD.NAME': 'MaskRCNNConvUpsampleHead',
     'MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION': 14,
     'MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO': 0,
@@ -131,7 +135,8 @@ _DEFAULTS: dict[str, Any] = {
 
 _FPN_FEATURES = ['res2', 'res3', 'res4', 'res5']
 
-# Keys whose value must be this one: what else Detectron2 allows is not built here (yet).
+# Keys whose value must be this one: what else Detectron2 allows is not built here (yet). The
+# values for FPN Mask R-CNN; `_ARCHITECTURES` changes some for C4 and Cascade.
 _REQUIRE: dict[str, Any] = {
     'MODEL.META_ARCHITECTURE': 'GeneralizedRCNN',
     'MODEL.KEYPOINT_ON': False,
@@ -156,7 +161,6 @@ _REQUIRE: dict[str, Any] = {
     'MODEL.RPN.BBOX_REG_WEIGHTS': [1.0, 1.0, 1.0, 1.0],
     'MODEL.RPN.LOSS_WEIGHT': 1.0,
     'MODEL.RPN.CONV_DIMS': [-1],
-    'MODEL.ROI_HEADS.NAME': 'StandardROIHeads',
     'MODEL.ROI_HEADS.IN_FEATURES': ['p2', 'p3', 'p4', 'p5'],
     'MODEL.ROI_HEADS.IOU_LABELS': [0, 1],
     'MODEL.ROI_HEADS.PROPOSAL_APPEND_GT': True,
@@ -176,6 +180,35 @@ _REQUIRE: dict[str, Any] = {
     'INPUT.MIN_SIZE_TRAIN_SAMPLING': 'choice',
     'INPUT.CROP.ENABLED': False,
 }
+# The RoI heads Detectron2 names (ROI_HEADS.NAME) -> (our model.roi.heads, the keys whose
+# required value differs from FPN Mask R-CNN's, key prefixes the architecture never reads).
+_FPN_ONLY = ('MODEL.FPN.',)
+_ARCHITECTURES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    'StandardROIHeads': ('standard', {}, ('MODEL.ROI_BOX_CASCADE_HEAD.',)),
+    # C4: RPN and RoI heads on res4, res5 per RoI; the box head and mask pooler keys are unread
+    # (Res5ROIHeads pools once, at the box head's resolution, for both branches).
+    'Res5ROIHeads': ('res5', {
+        'MODEL.BACKBONE.NAME': 'build_resnet_backbone',
+        'MODEL.RESNETS.OUT_FEATURES': ['res4'],
+        'MODEL.RPN.IN_FEATURES': ['res4'],
+        'MODEL.ROI_HEADS.IN_FEATURES': ['res4'],
+    }, _FPN_ONLY + ('MODEL.ROI_BOX_CASCADE_HEAD.', 'MODEL.ROI_BOX_HEAD.NAME', 'MODEL.ROI_BOX_HEAD.NUM_FC',
+                    'MODEL.ROI_BOX_HEAD.NUM_CONV', 'MODEL.ROI_BOX_HEAD.NORM', 'MODEL.ROI_BOX_HEAD.FC_DIM',
+                    'MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES', 'MODEL.ROI_MASK_HEAD.POOLER_')),
+    # Cascade: class-agnostic regression in every stage (CascadeROIHeads asserts it).
+    'CascadeROIHeads': ('cascade', {'MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG': True}, ()),
+}
+
+
+def _architecture(path, merged: Mapping[str, Any]) -> tuple[str, dict[str, Any], tuple[str, ...]]:
+    name = merged.get('MODEL.ROI_HEADS.NAME')
+    if name not in _ARCHITECTURES:
+        raise Detectron2ConfigError(f'{path}: MODEL.ROI_HEADS.NAME = {name!r} is not supported '
+                                    f'(supported: {", ".join(sorted(_ARCHITECTURES))})')
+    heads, require, unread = _ARCHITECTURES[name]
+    return heads, {**_REQUIRE, **require}, unread
+
+
 # Keys only read by what we do not build, when the feature that reads them is off.
 _IDLE_WHEN = {
     'MODEL.ROI_MASK_HEAD.': ('MODEL.MASK_ON', False),
@@ -253,32 +286,36 @@ def _norm(v):
     return v
 
 
-def _idle(key: str, merged: Mapping[str, Any]) -> bool:
-    """Whether `key` belongs to a feature that the config leaves off (then its value is unread)."""
+def _idle(key: str, merged: Mapping[str, Any], unread: tuple[str, ...] = ()) -> bool:
+    """Whether `key` belongs to a feature that the config leaves off, or that its architecture
+    does not have (`unread`): then its value is never read."""
+    if any(key.startswith(p) for p in unread):
+        return True
     flags = [flag for prefix, flag in _IDLE_WHEN.items() if key.startswith(prefix)]
     return bool(flags) and all(key != k and _norm(merged.get(k)) == _norm(v) for k, v in flags)
 
 
-def _check_keys(path, chain: Mapping[str, Any], merged: Mapping[str, Any]) -> None:
+def _check_keys(path, chain: Mapping[str, Any], merged: Mapping[str, Any], require: Mapping[str, Any],
+                unread: tuple[str, ...]) -> None:
     for key, value in chain.items():
-        if _idle(key, merged):
+        if _idle(key, merged, unread):
             continue
-        if key in _REQUIRE:
-            if _norm(value) != _norm(_REQUIRE[key]):
-                raise Detectron2ConfigError(f'{path}: {key} = {value!r} is not supported '
-                                            f'(supported: {_REQUIRE[key]!r})')
-        elif key in _DEFAULTS:
+        if key in require:
+            if _norm(value) != _norm(require[key]):
+                raise Detectron2ConfigError(f'{path}: {key} = {value!r} is not supported with '
+                                            f'{merged["MODEL.ROI_HEADS.NAME"]} (supported: {require[key]!r})')
+        elif key in _DEFAULTS or key == 'MODEL.ROI_HEADS.NAME':
             continue
         elif any(key == p or key.startswith(p) for p in _IGNORED):
             continue
         else:
             raise Detectron2ConfigError(f'{path}: {key} = {value!r} is not supported')
-    for key, value in _REQUIRE.items():   # defaults not overridden must be supported too
-        if _idle(key, merged):
+    for key, value in require.items():   # defaults not overridden must be supported too
+        if _idle(key, merged, unread):
             continue
         if key not in chain and _norm(merged.get(key)) != _norm(value):
             raise Detectron2ConfigError(f'{path}: {key} = {merged.get(key)!r} (Detectron2\'s default) is not '
-                                        f'supported (supported: {value!r})')
+                                        f'supported with {merged["MODEL.ROI_HEADS.NAME"]} (supported: {value!r})')
 
 
 def is_coco_split(names) -> bool:
@@ -312,7 +349,8 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     chain = _read_yaml_chain(path)
     merged = dict(_DEFAULTS)
     merged.update(chain)
-    _check_keys(path, chain, merged)
+    heads, require, unread = _architecture(path, merged)
+    _check_keys(path, chain, merged, require, unread)
     g = merged.get
 
     def need(cond, key):
@@ -338,7 +376,7 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     conv.roi_align_aligned = box_pool == 'ROIAlignV2'
     conv.sampling_ratio = int(g('MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO'))
     m.mask_on = bool(g('MODEL.MASK_ON'))
-    if m.mask_on:   # one RoIAlign convention for both poolers
+    if m.mask_on and heads != 'res5':   # one RoIAlign convention for both poolers
         for key, value in (('POOLER_TYPE', box_pool), ('POOLER_SAMPLING_RATIO', conv.sampling_ratio)):
             need(_norm(g(f'MODEL.ROI_MASK_HEAD.{key}')) == _norm(value), f'MODEL.ROI_MASK_HEAD.{key}')
 
@@ -355,11 +393,17 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     b.norm = 'frozen_bn'
     b.norm_eps = 1e-5                     # Detectron2's FrozenBatchNorm2d
     b.frozen_stages = int(g('MODEL.BACKBONE.FREEZE_AT'))
-    m.fpn.channels = int(g('MODEL.FPN.OUT_CHANNELS'))
-
     sizes = g('MODEL.ANCHOR_GENERATOR.SIZES')
-    need(len(sizes) == 5 and all(len(s) == 1 for s in sizes), 'MODEL.ANCHOR_GENERATOR.SIZES')
-    m.anchors.sizes = tuple(float(s[0]) for s in sizes)
+    if heads == 'res5':   # C4: one level, res4; Detectron2 pads C4 inputs to no multiple
+        b.return_levels = (4,)
+        m.fpn.enabled = False
+        m.size_divisible = 1
+        need(len(sizes) == 1, 'MODEL.ANCHOR_GENERATOR.SIZES')
+        m.anchors.sizes = (tuple(float(v) for v in sizes[0]),)
+    else:
+        m.fpn.channels = int(g('MODEL.FPN.OUT_CHANNELS'))
+        need(len(sizes) == 5 and all(len(s) == 1 for s in sizes), 'MODEL.ANCHOR_GENERATOR.SIZES')
+        m.anchors.sizes = tuple(float(s[0]) for s in sizes)
     ratios = g('MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS')
     need(len(ratios) == 1 or all(_norm(r) == _norm(ratios[0]) for r in ratios), 'MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS')
     m.anchors.aspect_ratios = tuple(float(r) for r in ratios[0])
@@ -378,6 +422,7 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     r.positive_fraction = float(g('MODEL.RPN.POSITIVE_FRACTION'))
 
     h = m.roi
+    h.heads = heads
     m.num_classes = int(g('MODEL.ROI_HEADS.NUM_CLASSES')) + 1
     ious = g('MODEL.ROI_HEADS.IOU_THRESHOLDS')
     need(len(ious) == 1, 'MODEL.ROI_HEADS.IOU_THRESHOLDS')
@@ -392,7 +437,24 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     h.nms_thresh = float(g('MODEL.ROI_HEADS.NMS_THRESH_TEST'))
     h.detections_per_img = int(g('TEST.DETECTIONS_PER_IMAGE'))
     h.min_size = 0.0       # no small-box filter at test time (sides >= 0 keeps every box)
-    if m.mask_on:
+    if heads == 'cascade':
+        ious = [float(v) for v in g('MODEL.ROI_BOX_CASCADE_HEAD.IOUS')]
+        weights = [tuple(float(v) for v in w) for w in g('MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS')]
+        if len(weights) != len(ious):
+            raise Detectron2ConfigError(
+                f'{path}: MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS has {len(weights)} stages but '
+                f'MODEL.ROI_BOX_CASCADE_HEAD.IOUS has {len(ious)} stages (one set of 4 weights per IoU threshold)')
+        need(all(len(w) == 4 for w in weights), 'MODEL.ROI_BOX_CASCADE_HEAD.BBOX_REG_WEIGHTS')
+        # CascadeROIHeads asserts that stage 0 matches as the RoI heads do
+        need(ious[0] == h.fg_iou_thresh, 'MODEL.ROI_BOX_CASCADE_HEAD.IOUS')
+        h.cascade_ious = tuple(ious)
+        h.cascade_box_weights = tuple(weights)
+    if m.mask_on and heads == 'res5':   # the mask head reads res5 of the box pooler's features
+        h.mask_pool_size = h.box_pool_size
+        h.mask_resolution = h.box_pool_size
+        h.mask_head_convs = int(g('MODEL.ROI_MASK_HEAD.NUM_CONV'))
+        h.mask_head_channels = int(g('MODEL.ROI_MASK_HEAD.CONV_DIM'))
+    elif m.mask_on:
         h.mask_pool_size = int(g('MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION'))
         h.mask_resolution = 2 * h.mask_pool_size
         h.mask_head_convs = int(g('MODEL.ROI_MASK_HEAD.NUM_CONV'))

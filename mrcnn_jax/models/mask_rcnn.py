@@ -43,7 +43,7 @@ from mrcnn_jax.models.rpn import AnchorGenerator, RPNHead, RPNSettings, select_p
 
 class MaskRCNN(nn.Module):
     backbone: nn.Module                    # images -> [C2, C3, C4, C5]
-    fpn: Optional[nn.Module]               # [C2..C5] -> [P2..P6]; None: the backbone's maps
+    fpn: Optional[nn.Module]               # [C2..C5] -> [P2..P6]; None: the backbone's maps (C4: [res4])
     rpn_head: nn.Module                    # per level objectness + deltas
     roi_heads: nn.Module                   # proposals -> detections (models/roi_heads.py)
     anchor_generator: AnchorGenerator
@@ -125,16 +125,24 @@ def build_model(cfg: ml_collections.ConfigDict) -> MaskRCNN:
     conv = Conventions.from_config(cfg.conventions)
     dtype = jnp.bfloat16 if cfg.dtype == 'bfloat16' else jnp.float32
     b = cfg.backbone
+    levels = tuple(b.return_levels)
     backbone = ResNet(depth=b.depth, width=b.width, groups=b.groups, width_per_group=b.width_per_group,
                       stride_in_1x1=conv.stride_in_1x1, norm=b.norm, norm_eps=b.norm_eps,
-                      frozen_stages=b.frozen_stages, dtype=dtype)
+                      frozen_stages=b.frozen_stages, return_levels=levels, dtype=dtype)
+    if cfg.fpn.enabled:
+        if levels != (2, 3, 4, 5):
+            raise ValueError(f'the FPN takes C2..C5: model.backbone.return_levels = {levels}, expected (2, 3, 4, 5)')
+        fpn, channels, first_level = FPN(cfg.fpn.channels, dtype=dtype), cfg.fpn.channels, 2
+    else:   # C4: the RPN and the RoI heads read the backbone's maps (res4) themselves
+        fpn, channels, first_level = None, backbone.out_channels[0], levels[0]
     anchor_generator = AnchorGenerator(sizes=tuple(cfg.anchors.sizes), aspect_ratios=tuple(cfg.anchors.aspect_ratios),
-                                       rounded=conv.anchor_rounding, stride_rule=conv.anchor_strides)
+                                       rounded=conv.anchor_rounding, stride_rule=conv.anchor_strides,
+                                       first_level=first_level)
     rp = cfg.rpn
     return MaskRCNN(
         backbone=backbone,
-        fpn=FPN(cfg.fpn.channels, dtype=dtype),
-        rpn_head=RPNHead(anchor_generator.num_anchors, cfg.fpn.channels, dtype=dtype),
+        fpn=fpn,
+        rpn_head=RPNHead(anchor_generator.num_anchors, channels, first_level=first_level, dtype=dtype),
         roi_heads=build_roi_heads(cfg, conv, dtype),
         anchor_generator=anchor_generator,
         rpn_settings=RPNSettings(pre_nms_topk_train=rp.pre_nms_topk_train, pre_nms_topk_test=rp.pre_nms_topk_test,

@@ -7,6 +7,9 @@ so the converter is a table, not a puzzle. Variants:
   * depth 18/34 use basic blocks (for fast tests and CPU training); 50/101/152 bottlenecks.
   * frozen_stages k: gradients stop after the stem (k >= 1) and after layer1..layer(k-1);
     the optimizer additionally masks those parameters (training/optimizer.py).
+  * return_levels: the maps returned, C2..C5 for FPN; (4,) for the paper's C4 models, whose
+    res5 runs per RoI in the box head (`Res5`, Detectron2's `Res5ROIHeads`): the backbone then
+    builds no layer4.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """images [B, H, W, 3] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32."""
+    """images [B, H, W, 3] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32 (those `return_levels` names)."""
     depth: int = 50
     width: int = 64
     groups: int = 1
@@ -89,13 +92,15 @@ class ResNet(nn.Module):
     norm: str = 'frozen_bn'
     norm_eps: float = 0.0
     frozen_stages: int = 2
+    return_levels: tuple[int, ...] = (2, 3, 4, 5)
     dtype: Any = jnp.float32
 
     @property
     def out_channels(self) -> list[int]:
+        """Channels of each returned map."""
         kind, _ = STAGE_BLOCKS[self.depth]
         exp = 4 if kind == 'bottleneck' else 1
-        return [self.width * 2 ** i * exp for i in range(4)]
+        return [self.width * 2 ** (level - 2) * exp for level in self.return_levels]
 
     @nn.compact
     def __call__(self, x, mask: Optional[PaddingMask] = None):
@@ -110,7 +115,7 @@ class ResNet(nn.Module):
         stride = 4
         in_ch = self.width
         outs = []
-        for i, n in enumerate(blocks):
+        for i, n in enumerate(blocks[:max(self.return_levels) - 1]):
             planes = self.width * 2 ** i
             for j in range(n):
                 s = 2 if (j == 0 and i > 0) else 1
@@ -129,5 +134,43 @@ class ResNet(nn.Module):
                 in_ch = out_ch
             if self.frozen_stages >= i + 2:
                 x = jax.lax.stop_gradient(x)
-            outs.append(x)
+            if i + 2 in self.return_levels:
+                outs.append(x)
         return outs
+
+
+class Res5(nn.Module):
+    """The last ResNet stage run on every RoI (the Mask R-CNN paper's C4 head; Detectron2's
+    `Res5ROIHeads._build_res5_block`): the depth's res5 blocks, the first of stride 2 with a
+    projection shortcut, planes 8 x the stem width (2048 outputs for R50+ with a stem of 64).
+    ResNet-18/34 (basic blocks: not in Detectron2, whose res5 head is always bottlenecks) make
+    small C4 models for CPU tests.
+
+    pooled [B, R, S, S, C4] -> [B, R, S / 2, S / 2, C5]. RoI features have no padding, so no
+    padding mask applies; parameters are trainable (Detectron2 freezes at most res2-res4 of
+    the backbone)."""
+    depth: int = 50
+    width: int = 64
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    norm: str = 'frozen_bn'
+    norm_eps: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled: jnp.ndarray) -> jnp.ndarray:
+        kind, blocks = STAGE_BLOCKS[self.depth]
+        b, r = pooled.shape[:2]
+        x = pooled.reshape((b * r,) + pooled.shape[2:]).astype(self.dtype)
+        mask = PaddingMask(None)
+        for j in range(blocks[3]):
+            if kind == 'basic':
+                block = BasicBlock(self.width * 8, 2 if j == 0 else 1, j == 0, self.norm, self.norm_eps,
+                                   self.dtype, name=f'block{j}')
+            else:
+                block = Bottleneck(self.width * 8, 2 if j == 0 else 1, j == 0, self.norm, self.norm_eps,
+                                   self.dtype, groups=self.groups, width_per_group=self.width_per_group,
+                                   stride_in_1x1=self.stride_in_1x1, name=f'block{j}')
+            x = block(x, mask, 16)
+        return x.reshape((b, r) + x.shape[1:])

@@ -2,9 +2,12 @@
 and an optional mask head (pluggable modules, `models/heads/`) with their poolers and test-time
 settings; `postprocess_detections` is a pure function of the box branch's outputs.
 
-Kinds of RoI heads are registered in `ROI_HEADS` under `model.roi.heads` (Detectron2 has
-StandardROIHeads, Res5ROIHeads for C4 and CascadeROIHeads): a new kind is a new module with the
-same methods (`box_predictions`, `mask_predictions`, `detect`) and one line in the table.
+Kinds of RoI heads are registered in `ROI_HEADS` under `model.roi.heads`: 'standard'
+(`StandardRoIHeads`, FPN), 'res5' (`Res5RoIHeads`, the paper's C4 head) and 'cascade'
+(`CascadeRoIHeads`), Detectron2's StandardROIHeads, Res5ROIHeads and CascadeROIHeads. A new kind
+is a new module with the same methods (`box_predictions`, `mask_predictions`,
+`train_predictions`, `detect`) and one line in the table; training calls `train_predictions`
+(Cascade, whose stages re-match between them, has its own loss in `training/losses.py`).
 """
 
 from __future__ import annotations
@@ -103,30 +106,42 @@ class StandardRoIHeads(nn.Module):
         valid_hw = self.mask_pooler.valid_hw(padding)
 
         def pool_and_head(mdl, f, ro, cl):
-            return mdl.mask_head(mdl.mask_pooler(f, ro, valid_hw), cl)
+            return mdl.mask_head(mdl.mask_features(f, ro, valid_hw), cl)
 
-        c, r = self.mask_roi_chunk, rois.shape[1]
+        if not train:
+            return self._chunked(pool_and_head, lambda sl: (feats, rois[:, sl], classes[:, sl]), active)
+        pooled = self.mask_features(feats, rois, valid_hw)
+        return self._chunked(lambda mdl, x, cl: mdl.mask_head(x, cl),
+                             lambda sl: (pooled[:, sl], classes[:, sl]), active)
+
+    def mask_features(self, feats, rois: jnp.ndarray, valid_hw) -> jnp.ndarray:
+        """What the mask head consumes for rois [B, R, 4]: RoIAlign'd features [B, R, S, S, C]."""
+        return self.mask_pooler(feats, rois, valid_hw)
+
+    def _chunked(self, run, operands, active: Optional[jnp.ndarray]):
+        """run(self, *operands(slice)) over RoI slices of `mask_roi_chunk`, skipping slices
+        without an active RoI (see `mask_predictions`); one block without `active`."""
+        full = operands(slice(None))
+        c, r = self.mask_roi_chunk, full[-1].shape[1]
         if active is None or c <= 0 or c >= r:
-            return pool_and_head(self, feats, rois, classes)
-        if train:
-            pooled = self.mask_pooler(feats, rois, valid_hw)
-
-            def run(mdl, x, cl):
-                return mdl.mask_head(x, cl)
-
-            def operands(sl):
-                return (pooled[:, sl], classes[:, sl])
-        else:
-            run = pool_and_head
-
-            def operands(sl):
-                return (feats, rois[:, sl], classes[:, sl])
+            return run(self, *full)
         out = [run(self, *operands(slice(0, c)))]
         for s in range(c, r, c):
             sl = slice(s, s + c)
             zeros = jnp.zeros(out[0].shape[:1] + (min(c, r - s),) + out[0].shape[2:], out[0].dtype)
             out.append(nn.cond(jnp.any(active[:, sl]), run, lambda mdl, *a, z=zeros: z, self, *operands(sl)))
         return jnp.concatenate(out, axis=1)
+
+    def train_predictions(self, feats, rois: jnp.ndarray, mask_classes: Optional[jnp.ndarray],
+                          mask_active: Optional[jnp.ndarray], padding: PaddingMask):
+        """The training forward of sampled rois [B, S, 4] (positives first): (class_logits,
+        box_deltas, mask logits of the first R = mask_classes.shape[1] RoIs or None)."""
+        logits, deltas = self.box_predictions(feats, rois, padding)
+        if self.mask_head is None or mask_classes is None:
+            return logits, deltas, None
+        k = mask_classes.shape[1]
+        return logits, deltas, self.mask_predictions(feats, rois[:, :k], mask_classes, padding,
+                                                     active=mask_active, train=True)
 
     def detect(self, feats, proposals: jnp.ndarray, proposal_valid: jnp.ndarray, image_hw: jnp.ndarray,
                padding: PaddingMask) -> dict[str, jnp.ndarray]:
@@ -137,6 +152,11 @@ class StandardRoIHeads(nn.Module):
             logits, deltas, proposals, proposal_valid, image_hw, box_weights=self.box_weights,
             score_thresh=d.score_thresh, nms_thresh=d.nms_thresh, detections_per_img=d.detections_per_img,
             pre_nms_candidates=d.pre_nms_candidates, min_size=d.min_size)
+        return self._with_masks(det, feats, padding)
+
+    def _with_masks(self, det: dict, feats, padding: PaddingMask) -> dict:
+        """det with 'masks' [B, D, M, M] (probabilities of each detection's class) when there is a
+        mask head."""
         if self.mask_head is not None:
             mask_logits = self.mask_predictions(feats, det['boxes'], det['labels'], padding, active=det['valid'])
             # padding rows are zero, like their boxes, scores and labels
@@ -147,7 +167,146 @@ class StandardRoIHeads(nn.Module):
         return self.detect(feats, proposals, proposal_valid, image_hw, padding)
 
 
-ROI_HEADS = {'standard': StandardRoIHeads}
+class Res5RoIHeads(StandardRoIHeads):
+    """The Mask R-CNN paper's C4 head (Detectron2's `Res5ROIHeads`): RoIs are pooled from the
+    single res4 map (14 x 14), the backbone's last stage `res5` runs on every pooled RoI, and both
+    branches read its output [B, R, 7, 7, 2048]: the box predictor its spatial mean, the mask
+    head (a deconv and the class's 1x1 logits, no convs: 14 x 14 masks) the map itself. At
+    inference the mask branch reruns res5 on the final boxes (Detectron2's
+    `forward_with_given_boxes`); in training it reuses the positives' res5 features from the box
+    branch (`train_predictions`), as Detectron2 does.
+
+    `box_head` is unused (None); `box_pooler` serves both branches (`mask_pooler` is the same).
+    """
+    res5: Optional[nn.Module] = None
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, conventions: Conventions, dtype: Any
+                    ) -> 'Res5RoIHeads':
+        from mrcnn_jax.models.resnet import Res5
+        if cfg.fpn.enabled or tuple(cfg.backbone.return_levels) != (4,):
+            raise ValueError("model.roi.heads 'res5' (C4) needs model.fpn.enabled = False and "
+                             'model.backbone.return_levels = (4,)')
+        std = StandardRoIHeads.from_config(cfg, conventions, dtype)
+        b = cfg.backbone
+        res5 = Res5(depth=b.depth, width=b.width, groups=b.groups, width_per_group=b.width_per_group,
+                    stride_in_1x1=conventions.stride_in_1x1, norm=b.norm, norm_eps=b.norm_eps, dtype=dtype)
+        pooler = dataclasses.replace(std.box_pooler, scales=(1 / 16,))
+        return cls(box_head=None, box_predictor=std.box_predictor, mask_head=std.mask_head,
+                   box_pooler=pooler, mask_pooler=pooler, box_weights=std.box_weights,
+                   detection=std.detection, mask_roi_chunk=std.mask_roi_chunk, res5=res5)
+
+    def roi_features(self, feats, rois: jnp.ndarray, padding: PaddingMask) -> jnp.ndarray:
+        """res5 of the RoIAlign'd res4 features: [B, R, S / 2, S / 2, C5]."""
+        return self.res5(self.box_pooler(feats, rois, self.box_pooler.valid_hw(padding)))
+
+    def box_predictions(self, feats, rois: jnp.ndarray, padding: PaddingMask):
+        return self.box_predictor(jnp.mean(self.roi_features(feats, rois, padding), axis=(2, 3)))
+
+    def mask_features(self, feats, rois: jnp.ndarray, valid_hw) -> jnp.ndarray:
+        return self.res5(self.mask_pooler(feats, rois, valid_hw))
+
+    def train_predictions(self, feats, rois, mask_classes, mask_active, padding):
+        x = self.roi_features(feats, rois, padding)
+        logits, deltas = self.box_predictor(jnp.mean(x, axis=(2, 3)))
+        if self.mask_head is None or mask_classes is None:
+            return logits, deltas, None
+        k = mask_classes.shape[1]
+        masks = self._chunked(lambda mdl, f, cl: mdl.mask_head(f, cl),
+                              lambda sl: (x[:, :k][:, sl], mask_classes[:, sl]), mask_active)
+        return logits, deltas, masks
+
+
+def scale_gradient(x: jnp.ndarray, factor: float) -> jnp.ndarray:
+    """Identity forward, gradient times `factor` backward (Detectron2's `_ScaleGradient`)."""
+    return x * factor + jax.lax.stop_gradient(x * (1.0 - factor))
+
+
+class CascadeRoIHeads(StandardRoIHeads):
+    """Cascade R-CNN's box branch (Detectron2's `CascadeROIHeads`) + the standard mask branch.
+
+    Stage k has its own box head and class-agnostic predictor (`box_heads[k]`,
+    `box_predictors[k]`) and decodes with its own weights (`stage_box_weights[k]`); all share
+    the box pooler. Inference: stage 0 runs on the proposals; stage k > 0 on stage k - 1's
+    boxes, clipped to the image and not filtered (empty boxes keep their row, as Detectron2 keeps
+    them so that every stage has the same rows); the class probabilities are the mean of the
+    stages' softmax (background included), the boxes the last stage's regression of its own input
+    boxes, one box for every class (`select_detections`). The mask head runs on the final
+    detections. Training (`training/losses.py`): stage 0 on the sampled RoIs, stage k > 0
+    re-matched at `stage_ious[k]` without re-sampling; each stage's pooled features pass
+    `scale_gradient(1 / stages)`.
+
+    `box_head` / `box_predictor` are unused (None); `box_weights` is stage 0's.
+    """
+    box_heads: tuple = ()
+    box_predictors: tuple = ()
+    stage_box_weights: tuple = ()
+    stage_ious: tuple = ()
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, conventions: Conventions, dtype: Any
+                    ) -> 'CascadeRoIHeads':
+        from mrcnn_jax.models.heads.box import FastRCNNPredictor
+        r = cfg.roi
+        ious, weights = tuple(r.cascade_ious), tuple(tuple(w) for w in r.cascade_box_weights)
+        if len(ious) != len(weights) or any(len(w) != 4 for w in weights):
+            raise ValueError(f'model.roi.cascade_box_weights needs one (4 weights) per stage of '
+                             f'model.roi.cascade_ious: {len(weights)} for {len(ious)} stages')
+        if ious[0] != r.fg_iou_thresh:
+            raise ValueError(f'cascade stage 0 matches at model.roi.fg_iou_thresh ({r.fg_iou_thresh}), '
+                             f'not cascade_ious[0] = {ious[0]}')
+        std = StandardRoIHeads.from_config(cfg, conventions, dtype)
+        return cls(box_head=None, box_predictor=None, mask_head=std.mask_head, box_pooler=std.box_pooler,
+                   mask_pooler=std.mask_pooler, box_weights=weights[0], detection=std.detection,
+                   mask_roi_chunk=std.mask_roi_chunk,
+                   box_heads=tuple(build_head('box_head', cfg, dtype) for _ in ious),
+                   box_predictors=tuple(FastRCNNPredictor(cfg.num_classes, class_agnostic=True, dtype=dtype)
+                                        for _ in ious),
+                   stage_box_weights=weights, stage_ious=ious)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ious)
+
+    def stage_predictions(self, k: int, feats, rois: jnp.ndarray, padding: PaddingMask, train: bool = False):
+        """Stage k on rois [B, R, 4]: class_logits [B, R, K], agnostic box_deltas [B, R, 1, 4]."""
+        pooled = self.box_pooler(feats, rois, self.box_pooler.valid_hw(padding))
+        if train:
+            pooled = scale_gradient(pooled, 1.0 / self.num_stages)
+        return self.box_predictors[k](self.box_heads[k](pooled))
+
+    def decode(self, k: int, deltas: jnp.ndarray, rois: jnp.ndarray) -> jnp.ndarray:
+        """Stage k's boxes from its agnostic deltas [B, R, 1, 4] on rois [B, R, 4] (not clipped)."""
+        return box_ops.decode_boxes(deltas[:, :, 0], rois, self.stage_box_weights[k])
+
+    def box_predictions(self, feats, rois: jnp.ndarray, padding: PaddingMask):
+        """Stage 0 (what the standard heads' box branch is)."""
+        return self.stage_predictions(0, feats, rois, padding)
+
+    def cascade(self, feats, proposals: jnp.ndarray, image_hw: jnp.ndarray, padding: PaddingMask):
+        """Inference through every stage: (mean class probabilities [B, R, K], final boxes
+        [B, R, 4], per stage (input boxes, class_logits, box_deltas))."""
+        rois, boxes, probs, stages = proposals, proposals, 0.0, []
+        for k in range(self.num_stages):
+            if k > 0:
+                rois = box_ops.clip_boxes(boxes, image_hw[:, None, :])
+            logits, deltas = self.stage_predictions(k, feats, rois, padding)
+            stages.append((rois, logits, deltas))
+            probs = probs + jax.nn.softmax(logits, axis=-1)
+            boxes = self.decode(k, deltas, rois)
+        return probs / self.num_stages, boxes, stages
+
+    def detect(self, feats, proposals, proposal_valid, image_hw, padding):
+        probs, boxes, _ = self.cascade(feats, proposals, image_hw, padding)
+        d = self.detection
+        det = select_detections(probs, boxes[:, :, None, :], proposal_valid, image_hw,
+                                score_thresh=d.score_thresh, nms_thresh=d.nms_thresh,
+                                detections_per_img=d.detections_per_img,
+                                pre_nms_candidates=d.pre_nms_candidates, min_size=d.min_size)
+        return self._with_masks(det, feats, padding)
+
+
+ROI_HEADS = {'standard': StandardRoIHeads, 'res5': Res5RoIHeads, 'cascade': CascadeRoIHeads}
 
 
 def build_roi_heads(cfg: ml_collections.ConfigDict, conventions: Conventions, dtype: Any) -> nn.Module:
@@ -187,10 +346,23 @@ def postprocess_detections(
     image_hw [B, 2]. Returns {'boxes' [B, D, 4], 'scores' [B, D], 'labels' [B, D] int32,
     'valid' [B, D] bool}, sorted by score, D = detections_per_img; invalid rows are zero.
     """
-    b, r, k = class_logits.shape
     scores = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
     boxes = box_ops.decode_boxes(box_deltas, proposals[:, :, None, :], box_weights)   # [B, R, K, 4]
+    return select_detections(scores, boxes, proposal_valid, image_hw, score_thresh=score_thresh,
+                             nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                             pre_nms_candidates=pre_nms_candidates, min_size=min_size)
+
+
+def select_detections(scores: jnp.ndarray, boxes: jnp.ndarray, proposal_valid: jnp.ndarray,
+                      image_hw: jnp.ndarray, *, score_thresh: float, nms_thresh: float,
+                      detections_per_img: int, pre_nms_candidates: int, min_size: float = 1e-2
+                      ) -> dict[str, jnp.ndarray]:
+    """The selection half of `postprocess_detections`, from class probabilities scores [B, R, K]
+    (background at 0) and decoded boxes [B, R, K, 4], or [B, R, 1, 4] for class-agnostic boxes
+    (Cascade: the one box is every class's, as Detectron2's `fast_rcnn_inference` repeats it)."""
+    b, r, k = scores.shape
     boxes = box_ops.clip_boxes(boxes, image_hw[:, None, None, :])
+    boxes = jnp.broadcast_to(boxes, (b, r, k, 4))
     boxes = boxes[:, :, 1:].reshape(b, r * (k - 1), 4)
     scores = scores[:, :, 1:].reshape(b, r * (k - 1))
     labels = jnp.broadcast_to(jnp.arange(1, k, dtype=jnp.int32), (b, r, k - 1)).reshape(b, r * (k - 1))

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mrcnn_jax.models.layers import PaddingMask, conv
 from mrcnn_jax.ops import anchors as anchor_ops
@@ -18,27 +19,38 @@ from mrcnn_jax.ops.nms import nms
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AnchorGenerator:
-    """One anchor size per feature level (finest first, level `first_level`), every aspect ratio
+    """Anchor sizes per feature level (finest first, level `first_level`), every aspect ratio
     (h / w) at each cell; the rounding and stride rules come from the conventions
-    (`ops/anchors.py` explains both references) and have no default."""
+    (`ops/anchors.py` explains both references) and have no default.
+
+    `sizes` has one entry per level: a number (FPN: one size per level) or a tuple of sizes (the
+    C4 models' single res4 level has 32..512). A cell's anchors run over sizes, then aspect
+    ratios fastest (Detectron2's `generate_cell_anchors` order)."""
     rounded: bool                          # conventions.anchor_rounding
     stride_rule: str                       # conventions.anchor_strides
-    sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
+    sizes: tuple = (32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    first_level: int = 2                   # P2 (stride 4)
+    first_level: int = 2                   # P2 (stride 4); res4 (stride 16) for C4
+
+    def level_sizes(self) -> list[tuple[float, ...]]:
+        return [tuple(s) if isinstance(s, (tuple, list)) else (s,) for s in self.sizes]
 
     @property
     def num_anchors(self) -> int:
         """Anchors per cell."""
-        return len(self.aspect_ratios)
+        counts = {len(s) for s in self.level_sizes()}
+        if len(counts) != 1:   # one RPN head is shared by all levels
+            raise ValueError(f'every level needs as many anchor sizes, got {self.sizes}')
+        return counts.pop() * len(self.aspect_ratios)
 
     def __call__(self, grid_shapes: Sequence[tuple[int, int]], pad_hw: Optional[jnp.ndarray]):
         """Per level anchors [B or 1, N_l, 4] and validity [B or 1, N_l] on static grids.
 
         pad_hw: [B, 2] int32 padded size of each image, or None for the whole canvas."""
         out_a, out_v = [], []
-        for i, (grid, size) in enumerate(zip(grid_shapes, self.sizes)):
-            base = anchor_ops.cell_anchors(size, self.aspect_ratios, rounded=self.rounded)
+        for i, (grid, sizes) in enumerate(zip(grid_shapes, self.level_sizes())):
+            base = np.concatenate([anchor_ops.cell_anchors(size, self.aspect_ratios, rounded=self.rounded)
+                                   for size in sizes], axis=0)
             a, v = anchor_ops.level_anchors(tuple(grid), base, self.first_level + i, pad_hw, self.stride_rule)
             out_a.append(a)
             out_v.append(v)
@@ -73,6 +85,7 @@ class RPNHead(nn.Module):
     """
     num_anchors: int
     channels: int = 256
+    first_level: int = 2                   # stride 2^first_level of feats[0]
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -84,7 +97,7 @@ class RPNHead(nn.Module):
                    kernel_init=_RPN_INIT)
         logits, deltas = [], []
         for i, f in enumerate(feats):
-            t = nn.relu(shared(mask(f, 4 * 2 ** i)))
+            t = nn.relu(shared(mask(f, 2 ** (self.first_level + i))))
             b, h, w, _ = t.shape
             logits.append(cls(t).astype(jnp.float32).reshape(b, h * w * self.num_anchors))
             deltas.append(reg(t).astype(jnp.float32).reshape(b, h * w * self.num_anchors, 4))

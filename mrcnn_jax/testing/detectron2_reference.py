@@ -21,7 +21,11 @@ The reference runs as users run Detectron2:
       - the RPN head: its 3x3 conv to unit-scale output, objectness logits to a spread
         (`rpn_logit_std` 2 over all anchors; the top ones reach ~10-18 on photos) and anchor
         deltas to std `rpn_delta_std` (0.05); Detectron2's std-0.01 init gives logits ~0;
-      - the box classifier: the mean fc2 feature is projected out of random weights (random fc
+      - C4: res5's FrozenBN statistics from pooled res4 features of the top proposals (res5 runs in
+        the RoI heads, on RoI features);
+      - the box classifier (per stage for Cascade, each stage's input boxes being the previous
+        stage's calibrated regression; the detection count is Cascade's own mean of the stages'
+        probabilities): the mean fc2 feature (C4: res5's spatial mean) is projected out of random weights (random fc
         features share a large common component, which makes one class win everywhere) and the
         logits scaled to std `cls_logit_std` (2); the background logit is proportional to the
         RoI's common feature component (a constant bias gave 60, 0 and 60 detections on three
@@ -144,13 +148,19 @@ def _calibration_batch(model, inputs: Sequence[dict]):
 
 # -- calibration ---------------------------------------------------------------------------------
 
-def _calibrate_frozen_bn(model, batch, gen, residual_scale: float) -> None:
-    """Each FrozenBN's statistics from its input on the calibration batch (in forward order)."""
+def _bottom_up(model):
+    """The ResNet: `backbone.bottom_up` under FPN, the backbone itself for C4."""
+    return getattr(model.backbone, 'bottom_up', model.backbone)
+
+
+def _calibrate_frozen_bn(module, x, gen, residual_scale: float) -> None:
+    """Each FrozenBN's statistics in `module` (a ResNet, or C4's res5) from its input when
+    `module(x)` runs (in forward order)."""
     import torch
     from detectron2.layers import FrozenBatchNorm2d
     # The last norm of each residual branch (BottleneckBlock.conv3, BasicBlock.conv2).
     last_in_branch = {id((m.conv3 if hasattr(m, 'conv3') else m.conv2).norm)
-                      for m in model.backbone.bottom_up.modules() if hasattr(m, 'shortcut')}
+                      for m in module.modules() if hasattr(m, 'shortcut')}
 
     def hook(m, args):
         x = args[0]
@@ -164,13 +174,26 @@ def _calibrate_frozen_bn(model, batch, gen, residual_scale: float) -> None:
         if id(m) in last_in_branch:
             m.weight.mul_(residual_scale)
             m.bias.mul_(residual_scale)
-    handles = [m.register_forward_pre_hook(hook) for m in model.backbone.bottom_up.modules()
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()
                if isinstance(m, FrozenBatchNorm2d)]
     try:
-        model.backbone.bottom_up(batch)
+        module(x)
     finally:
         for h in handles:
             h.remove()
+
+
+def _calibrate_res5(model, cache, gen, residual_scale: float, rois_per_image: int = 64) -> None:
+    """C4: res5's FrozenBN statistics from pooled res4 features of the calibration photos' top
+    proposals (RoI features, the distribution res5 sees at inference)."""
+    import torch
+    heads = model.roi_heads
+    pooled = []
+    for images, feats in cache:
+        proposals, _ = model.proposal_generator(images, feats)
+        boxes = proposals[0].proposal_boxes[:rois_per_image]
+        pooled.append(heads.pooler([feats[f] for f in heads.in_features], [boxes]))
+    _calibrate_frozen_bn(heads.res5, torch.cat(pooled), gen, residual_scale)
 
 
 def _calibrate_fpn(model, cache) -> None:
@@ -178,8 +201,10 @@ def _calibrate_fpn(model, cache) -> None:
     the cached features with it (p_k = output_conv_k(...) is linear in that conv's weight and
     bias; p6 is a max-pool of p5, so it scales with p5; another top block is recomputed)."""
     import torch
-    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+    from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
     fpn = model.backbone
+    if not isinstance(fpn, FPN):   # C4: res4 is BN-normalized already
+        return
     scales = {}
     for n, conv in fpn.named_children():
         if not n.startswith('fpn_output'):
@@ -225,69 +250,98 @@ def _calibrate_rpn(model, cache, logit_std: float, delta_std: float) -> None:
     head.anchor_deltas.bias.zero_()
 
 
-def _proposals_and_box_features(model, cache) -> list[tuple]:
-    """(proposals, fc2 features (post-ReLU)) of each calibration photo."""
+def _box_features(model, feats, boxes, k: int = 0):
+    """What box predictor `k` reads for boxes (a list of one Boxes): fc2 features (FPN), stage k's
+    (Cascade), the spatial mean of res5 (C4)."""
     heads = model.roi_heads
-    out = []
-    for images, feats in cache:
-        proposals, _ = model.proposal_generator(images, feats)
-        pooled = heads.box_pooler([feats[f] for f in heads.box_in_features], [p.proposal_boxes for p in proposals])
-        out.append((proposals, heads.box_head(pooled)))
-    return out
+    if hasattr(heads, 'res5'):
+        return heads._shared_roi_transform([feats[f] for f in heads.in_features], boxes).mean(dim=[2, 3])
+    pooled = heads.box_pooler([feats[f] for f in heads.box_in_features], boxes)
+    return (heads.box_head[k] if hasattr(heads, 'num_cascade_stages') else heads.box_head)(pooled)
+
+
+def _predictors(model) -> list:
+    pred = model.roi_heads.box_predictor
+    return list(pred) if hasattr(model.roi_heads, 'num_cascade_stages') else [pred]
 
 
 def _calibrate_box_predictor(model, cache, gen, logit_std: float, detections: float,
                              delta_std: float = 1.0) -> float:
-    """Classifier logits of std `logit_std` around the mean-free fc2 direction, then the
-    background bias found by bisection so that the calibration photos give `detections`
-    detections on average (Detectron2's own inference, on the cached proposals); returns it."""
+    """Per box stage (one, or Cascade's three, in order: each stage's input boxes are the previous
+    stage's calibrated regression): classifier logits of std `logit_std` around the mean-free
+    feature direction, deltas of std `delta_std`. Then the background weight found by bisection
+    so that the calibration photos give `detections` detections on average (Detectron2's own
+    inference: for Cascade the mean of the stages' probabilities and the last stage's boxes, on
+    the cached features); returns (it, the detections)."""
     import torch
-    per_image = _proposals_and_box_features(model, cache)
-    x = torch.cat([f for _, f in per_image])
-    mu = x.mean(0)
-    mu = mu / mu.norm()
-    pred = model.roi_heads.box_predictor
-    layer = pred.cls_score                      # (K + 1) x D, background last
-    w = torch.randn(layer.weight.shape, generator=gen)
-    w = w - (w @ mu)[:, None] * mu[None, :]
-    layer.weight.copy_(w * (logit_std / (x @ w.T).std()))
-    layer.bias.zero_()
-    # Class-specific deltas of a trained head's size: std `delta_std` before the (10, 10, 5, 5)
-    # weights.
-    reg = pred.bbox_pred
-    reg.weight.mul_(delta_std / reg(x).std())
-    reg.bias.zero_()
-
-    # The background logit grows with the RoI's common (mean-direction) feature component, as the
-    # foreground logits grow with the rest: photos whose activations are a little weaker then
-    # still give detections (a constant background bias gave 60, 0 and 60 on three photos).
-    common = x @ mu
+    from detectron2.structures import Boxes
+    preds = _predictors(model)
+    boxes = []                              # per image: the current stage's input boxes
+    proposals = []
+    for images, feats in cache:
+        p, _ = model.proposal_generator(images, feats)
+        proposals.append(p)
+        boxes.append(p[0].proposal_boxes)
+    stage_feats, stage_mu, stage_common = [], [], []
+    for k, pred in enumerate(preds):
+        fs = [_box_features(model, feats, [b], k) for (_, feats), b in zip(cache, boxes)]
+        x = torch.cat(fs)
+        mu = x.mean(0)
+        mu = mu / mu.norm()
+        layer = pred.cls_score                  # (K + 1) x D, background last
+        w = torch.randn(layer.weight.shape, generator=gen)
+        w = w - (w @ mu)[:, None] * mu[None, :]
+        layer.weight.copy_(w * (logit_std / (x @ w.T).std()))
+        layer.bias.zero_()
+        # Deltas of a trained head's size: std `delta_std` before the box weights.
+        reg = pred.bbox_pred
+        reg.weight.mul_(delta_std / reg(x).std())
+        reg.bias.zero_()
+        stage_feats.append(fs)
+        stage_mu.append(mu)
+        # The background logit grows with the RoI's common (mean-direction) feature component,
+        # as the foreground logits grow with the rest: photos whose activations are a little
+        # weaker then still give detections (a constant bias gave 60, 0 and 60 on three photos).
+        stage_common.append((x @ mu).mean())
+        if k + 1 < len(preds):   # the next stage's boxes: Cascade's _create_proposals_from_boxes
+            nxt = []
+            for f, b, p in zip(fs, boxes, proposals):
+                nb = Boxes(pred.predict_boxes((pred.cls_score(f), reg(f)), [_with_boxes(p[0], b)])[0])
+                nb.clip(p[0].image_size)
+                nxt.append(nb)
+            boxes = nxt
+    pred = preds[-1]
+    # Final boxes (independent of the background logit), decoded once: class-specific for one
+    # stage, the last stage's class-agnostic regression of its input boxes for Cascade.
+    decoded = [(pred.predict_boxes((pred.cls_score(f), pred.bbox_pred(f)), [_with_boxes(p[0], b)])[0],
+                p[0].image_size) for f, b, p in zip(stage_feats[-1], boxes, proposals)]
 
     from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
     thresh = pred.test_score_thresh
     cap = pred.test_topk_per_image
-    # Detectron2's FastRCNNOutputLayers.inference, with the class-specific boxes (which do not
-    # depend on the background logit) decoded once.
-    decoded = [(pred.predict_boxes(pred(f), p)[0], p[0].image_size) for p, f in per_image]
 
-    def detections_of(f, boxes, size, score_thresh):
-        scores = pred.cls_score(f).softmax(-1)
-        return fast_rcnn_inference([boxes], [scores], [size], score_thresh, pred.test_nms_thresh, cap)[0][0]
+    def probs(i):
+        return sum(pr.cls_score(fs[i]).softmax(-1) for pr, fs in zip(preds, stage_feats)) / len(preds)
 
-    def count(f, boxes, size):
+    def detections_of(i, score_thresh):
+        boxes_i, size = decoded[i]
+        return fast_rcnn_inference([boxes_i], [probs(i)], [size], score_thresh, pred.test_nms_thresh, cap)[0][0]
+
+    def count(i):
         """The detection count of one photo; without the per-class NMS (slow on tens of thousands
         of candidates) where so many candidates pass the threshold (> 15x the 100-detection cap)
         that the cap binds: far from the target, only the direction counts."""
-        if int((pred.cls_score(f).softmax(-1)[:, :-1] > thresh).sum()) > 15 * cap:
+        if int((probs(i)[:, :-1] > thresh).sum()) > 15 * cap:
             return cap
-        return len(detections_of(f, boxes, size, thresh))
+        return len(detections_of(i, thresh))
 
     def set_beta(beta):
-        layer.weight[-1] = beta * mu / common.mean()
+        for pr, mu, common in zip(preds, stage_mu, stage_common):
+            pr.cls_score.weight[-1] = beta * mu / common
 
     def mean_count(beta):
         set_beta(beta)
-        return np.mean([count(f, *d) for (_, f), d in zip(per_image, decoded)])
+        return np.mean([count(i) for i in range(len(cache))])
     lo, hi = -10.0, 50.0                         # count(lo) high, count(hi) ~ 0
     for _ in range(13):                          # to ~0.01
         mid = 0.5 * (lo + hi)
@@ -300,11 +354,19 @@ def _calibrate_box_predictor(model, cache, gen, logit_std: float, detections: fl
     # rounding; candidates are what survives NMS at half the threshold.
     def margin(beta):
         set_beta(beta)
-        s = torch.cat([detections_of(f, *d, 0.5 * thresh).scores for (_, f), d in zip(per_image, decoded)])
+        s = torch.cat([detections_of(i, 0.5 * thresh).scores for i in range(len(cache))])
         return float((s - thresh).abs().min()) if len(s) else 0.0
     beta = max((hi + 0.02 * k for k in range(-2, 3)), key=margin)
     set_beta(beta)
-    return beta, [detections_of(f, *d, thresh) for (_, f), d in zip(per_image, decoded)]
+    return beta, [detections_of(i, thresh) for i in range(len(cache))]
+
+
+def _with_boxes(instances, boxes):
+    """A copy of proposal Instances whose proposal_boxes are `boxes` (for predict_boxes)."""
+    from detectron2.structures import Instances
+    out = Instances(instances.image_size)
+    out.proposal_boxes = boxes
+    return out
 
 
 def _calibrate_mask_predictor(model, cache, detections, logit_std: float) -> None:
@@ -360,10 +422,12 @@ def build_calibrated_detectron2(cfg, seed: int = 0, calibration_images: Sequence
     inputs = [model_input(cfg, im) for im in calibration_images]
     with torch.no_grad():
         batch = _calibration_batch(model, inputs)
-        _calibrate_frozen_bn(model, batch, gen, residual_scale)
+        _calibrate_frozen_bn(_bottom_up(model), batch, gen, residual_scale)
         cache = _forward_cache(model, inputs)
         _calibrate_fpn(model, cache)
         _calibrate_rpn(model, cache, rpn_logit_std, rpn_delta_std)
+        if hasattr(model.roi_heads, 'res5'):
+            _calibrate_res5(model, cache, gen, residual_scale)
         _, dets = _calibrate_box_predictor(model, cache, gen, cls_logit_std, detections, box_delta_std)
         if cfg.MODEL.MASK_ON:
             _calibrate_mask_predictor(model, cache, dets, mask_logit_std)

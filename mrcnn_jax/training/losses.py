@@ -28,6 +28,8 @@ import ml_collections
 import optax
 
 from mrcnn_jax.models.conventions import Conventions
+from mrcnn_jax.models.roi_heads import CascadeRoIHeads
+from mrcnn_jax.ops import boxes as box_ops
 from mrcnn_jax.training import targets as tgt
 
 
@@ -114,11 +116,15 @@ def rpn_losses(objectness: jnp.ndarray, deltas: jnp.ndarray, t: tgt.AnchorTarget
 
 def box_head_losses(class_logits: jnp.ndarray, box_deltas: jnp.ndarray, t: tgt.RoiTargets, *,
                     loss_type: str = 'smooth_l1', beta: float = 1 / 9) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """class_logits [B, S, K], box_deltas [B, S, K, 4]; t batched [B, S]. Returns (cls, box) losses."""
+    """class_logits [B, S, K], box_deltas [B, S, K or 1 (class-agnostic), 4]; t batched [B, S]
+    (only labels, weights and box_targets are read). Returns (cls, box) losses."""
     n = jnp.maximum(jnp.sum(t.weights), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, t.labels)
     cls = jnp.sum(ce * t.weights) / n
-    pred = jnp.take_along_axis(box_deltas, t.labels[..., None, None], axis=2)[:, :, 0]   # [B, S, 4]
+    if box_deltas.shape[2] == 1:
+        pred = box_deltas[:, :, 0]
+    else:
+        pred = jnp.take_along_axis(box_deltas, t.labels[..., None, None], axis=2)[:, :, 0]   # [B, S, 4]
     pos = (t.labels > 0).astype(jnp.float32) * t.weights
     reg = _reg_loss(pred - t.box_targets, loss_type, beta).sum(-1)
     return cls, jnp.sum(reg * pos) / n
@@ -167,27 +173,34 @@ def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, wi
         num=ss.batch_size_per_image, positive_fraction=ss.positive_fraction,
         box_weights=m.roi_heads.box_weights))(
             keys_roi, proposals, proposal_ok, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok)
-    class_logits, box_deltas = m.box_predictions(feats, rt.rois, info)
-    loss_cls, loss_box = box_head_losses(class_logits, box_deltas, rt, loss_type=settings.box_loss.kind,
-                                         beta=settings.box_loss.beta)
-    losses = {'loss_objectness': loss_obj, 'loss_rpn_box_reg': loss_rpn_box,
-              'loss_classifier': loss_cls, 'loss_box_reg': loss_box}
-    aux = {'num_pos_anchors': jnp.sum(at.labels * at.weights) / b,
-           'num_pos_rois': jnp.sum((rt.labels > 0) * rt.weights) / b,
-           'num_proposals': jnp.sum(proposal_ok) / b}
-
+    mt = mweights = mask_logits = None
     if m.mask_head is not None:
         # Positives occupy the first slots of the sample; the mask head sees up to max_mask_rois.
         k = min(settings.max_mask_rois, rt.rois.shape[1])
-        mrois = rt.rois[:, :k]
         mlabels = rt.labels[:, :k]
         mweights = ((mlabels > 0) * rt.weights[:, :k]).astype(jnp.float32)
         mgt = rt.matched_gt[:, :k]
         gt_b = jnp.take_along_axis(gt_boxes, mgt[..., None], axis=1)
         gt_m = jnp.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
         mt = jax.vmap(lambda ro, gb, gm: tgt.mask_targets(
-            ro, gb, gm, settings.mask_resolution, soft=settings.soft_mask_targets))(mrois, gt_b, gt_m)
-        mask_logits = m.mask_predictions(feats, mrois, mlabels, info, active=mweights > 0, train=True)
+            ro, gb, gm, settings.mask_resolution, soft=settings.soft_mask_targets))(rt.rois[:, :k], gt_b, gt_m)
+    losses = {'loss_objectness': loss_obj, 'loss_rpn_box_reg': loss_rpn_box}
+    aux = {'num_pos_anchors': jnp.sum(at.labels * at.weights) / b,
+           'num_pos_rois': jnp.sum((rt.labels > 0) * rt.weights) / b,
+           'num_proposals': jnp.sum(proposal_ok) / b}
+    if isinstance(m.roi_heads, CascadeRoIHeads):
+        losses.update(_cascade_box_losses(m, feats, rt, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok,
+                                          info, settings, aux))
+        if m.mask_head is not None:   # on stage 0's sampled positives (Detectron2's choice)
+            mask_logits = m.mask_predictions(feats, rt.rois[:, :k], mlabels, info, active=mweights > 0,
+                                             train=True)
+    else:
+        class_logits, box_deltas, mask_logits = m.roi_heads.train_predictions(
+            feats, rt.rois, None if mt is None else mlabels, None if mt is None else mweights > 0,
+            m.padding(info))
+        losses['loss_classifier'], losses['loss_box_reg'] = box_head_losses(
+            class_logits, box_deltas, rt, loss_type=settings.box_loss.kind, beta=settings.box_loss.beta)
+    if m.mask_head is not None:
         losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
     if with_targets:
         aux['targets'] = {'anchors': at, 'rois': rt, 'proposals': proposals,
@@ -195,6 +208,32 @@ def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, wi
         if m.mask_head is not None:
             aux['targets'].update(mask_targets=mt, mask_weights=mweights)
     return losses, aux
+
+
+def _cascade_box_losses(m, feats, rt: tgt.RoiTargets, gt_boxes, gt_classes, gt_ok, info,
+                        settings: LossSettings, aux: dict) -> dict:
+    """Cascade's box losses, `loss_classifier_stage{k}` / `loss_box_reg_stage{k}` (Detectron2's
+    `CascadeROIHeads._forward_box` in training). Stage 0 sees the sampled RoIs `rt`; stage k > 0
+    the boxes stage k - 1 regressed from them, without gradient, clipped, empty ones (a side <= 0)
+    dropped, re-matched at IoU >= stage_ious[k] with no GT appended and no re-sampling. Each
+    stage's losses are normalized by its own count of boxes, as Detectron2's. aux gets
+    `num_pos_rois_stage{k}`."""
+    heads = m.roi_heads
+    image_hw = m.image_hw(info)
+    rois, boxes, t, out = rt.rois, rt.rois, rt, {}
+    for k in range(heads.num_stages):
+        if k > 0:
+            rois = box_ops.clip_boxes(jax.lax.stop_gradient(boxes), image_hw[:, None, :])
+            ok = (t.weights > 0) & box_ops.nonsmall_boxes(rois, 0.0, strict=True)
+            labels, targets = jax.vmap(lambda bx, o, g, c, gok, w=heads.stage_box_weights[k]: tgt.match_boxes(
+                bx, o, g, c, gok, iou_thresh=heads.stage_ious[k], box_weights=w))(rois, ok, gt_boxes, gt_classes, gt_ok)
+            t = t._replace(rois=rois, labels=labels, box_targets=targets, weights=ok.astype(jnp.float32))
+        logits, deltas = heads.stage_predictions(k, feats, rois, m.padding(info), train=True)
+        out[f'loss_classifier_stage{k}'], out[f'loss_box_reg_stage{k}'] = box_head_losses(
+            logits, deltas, t, loss_type=settings.box_loss.kind, beta=settings.box_loss.beta)
+        aux[f'num_pos_rois_stage{k}'] = jnp.sum((t.labels > 0) * t.weights) / rois.shape[0]
+        boxes = heads.decode(k, deltas, rois)
+    return out
 
 
 def make_loss_fn(model, settings: LossSettings, *, with_targets: bool = False) -> Callable[..., Any]:

@@ -151,6 +151,23 @@ def roi_targets(key, proposals: jnp.ndarray, proposal_ok: jnp.ndarray, gt_boxes:
     return RoiTargets(rois, labels, w, targets, gt_idx.astype(jnp.int32), idx)
 
 
+def match_boxes(boxes: jnp.ndarray, box_ok: jnp.ndarray, gt_boxes: jnp.ndarray, gt_classes: jnp.ndarray,
+                gt_ok: jnp.ndarray, *, iou_thresh: float, box_weights: Sequence[float]
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Labels and regression targets of every box, without sampling or appended GT (Cascade's
+    stages after the first, Detectron2's `_match_and_label_boxes`): IoU >= iou_thresh with the
+    best GT is that GT's class, else background. boxes [R, 4], box_ok [R], gt_boxes [G, 4],
+    gt_classes [G], gt_ok [G]. Returns labels [R] int32 (0 where not box_ok) and targets [R, 4]
+    (0 for background)."""
+    iou = box_ops.pairwise_iou(gt_boxes, boxes)
+    matches = match(iou, gt_ok, box_ok, iou_thresh, iou_thresh, allow_low_quality=False)
+    pos = (matches >= 0) & box_ok
+    gt_idx = jnp.maximum(matches, 0)
+    labels = jnp.where(pos, gt_classes[gt_idx], 0).astype(jnp.int32)
+    targets = box_ops.encode_boxes(gt_boxes[gt_idx], boxes, box_weights)
+    return labels, jax.lax.stop_gradient(jnp.where(pos[:, None], targets, 0.0))
+
+
 def mask_targets(rois: jnp.ndarray, gt_boxes: jnp.ndarray, gt_masks: jnp.ndarray,
                  resolution: int = 28, soft: bool = True) -> jnp.ndarray:
     """Mask targets from box-cropped GT masks.

@@ -108,9 +108,57 @@ def test_base_chain_overrides_and_class_index_labels(tmp_path):
     assert info['labels'] == 'detectron2_class_index' and info['label_ids'] == [-1, 0, 1, 2]
 
 
+@pytest.mark.parametrize('name, depth, config_file', [
+    ('COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml', 50, 'maskrcnn_r50_c4_detectron2.py'),
+    ('COCO-InstanceSegmentation/mask_rcnn_R_101_C4_3x.yaml', 101, None),
+    ('Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml', 50, 'cascade_maskrcnn_r50_fpn_detectron2.py'),
+])
+def test_c4_and_cascade_zoo_configs(name, depth, config_file):
+    """C4 (Res5ROIHeads) and Cascade (CascadeROIHeads) map onto roi.heads 'res5' / 'cascade' with
+    their settings; the repository's config files for them build the same model."""
+    from mrcnn_jax.config import load_config
+    cfg, info = d2c.config_from_yaml(ZOO / name)
+    m = cfg.model
+    assert m.backbone.depth == depth and m.mask_on and m.num_classes == 81 and info['labels'] == 'coco_category_id'
+    if 'C4' in name:
+        assert m.roi.heads == 'res5' and not m.fpn.enabled and tuple(m.backbone.return_levels) == (4,)
+        assert m.size_divisible == 1 and tuple(m.anchors.sizes) == ((32.0, 64.0, 128.0, 256.0, 512.0),)
+        assert (m.rpn.pre_nms_topk_train, m.rpn.pre_nms_topk_test, m.rpn.post_nms_topk_train,
+                m.rpn.post_nms_topk_test) == (12000, 6000, 2000, 1000)
+        assert m.roi.box_pool_size == m.roi.mask_resolution == 14 and m.roi.mask_head_convs == 0
+    else:
+        assert m.roi.heads == 'cascade' and m.fpn.enabled and m.roi.cascade_ious == (0.5, 0.6, 0.7)
+        assert m.roi.cascade_box_weights == ((10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15))
+        assert m.rpn.post_nms_topk_train == 2000 and m.roi.mask_resolution == 28
+    if config_file:   # the same model: resolved conventions and every other field
+        from mrcnn_jax.models.conventions import Conventions
+        ours = load_config(pathlib.Path(__file__).resolve().parents[2] / 'configs' / config_file).model
+        assert Conventions.from_config(ours.conventions) == Conventions.from_config(m.conventions), config_file
+        ours, m = ours.to_dict(), m.to_dict()
+        ours.pop('conventions'), m.pop('conventions')
+        assert ours == m, config_file
+
+
+@pytest.mark.parametrize('config, body, keys', [
+    # Res5ROIHeads on an FPN backbone, StandardROIHeads on C4: the first key that does not fit
+    (R50, 'MODEL:\n  ROI_HEADS:\n    NAME: "Res5ROIHeads"\n', ('MODEL.BACKBONE.NAME', 'Res5ROIHeads')),
+    (ZOO / 'COCO-InstanceSegmentation' / 'mask_rcnn_R_50_C4_3x.yaml',
+     'MODEL:\n  ROI_HEADS:\n    NAME: "StandardROIHeads"\n', ('MODEL.BACKBONE.NAME', 'StandardROIHeads')),
+    (ZOO / 'Misc' / 'cascade_mask_rcnn_R_50_FPN_3x.yaml',
+     'MODEL:\n  ROI_BOX_CASCADE_HEAD:\n    IOUS: [0.5, 0.6]\n', ('BBOX_REG_WEIGHTS', 'IOUS', '3 stages', '2 stages')),
+    (ZOO / 'Misc' / 'cascade_mask_rcnn_R_50_FPN_3x.yaml',
+     'MODEL:\n  ROI_BOX_HEAD:\n    CLS_AGNOSTIC_BBOX_REG: False\n', ('CLS_AGNOSTIC_BBOX_REG', 'CascadeROIHeads')),
+    (R50, 'MODEL:\n  ROI_HEADS:\n    NAME: "PointRendROIHeads"\n', ('MODEL.ROI_HEADS.NAME', 'PointRendROIHeads')),
+])
+def test_incompatible_heads_are_one_line_errors(tmp_path, config, body, keys):
+    path = _write_yaml(tmp_path / 'mixed.yaml', config, body)
+    with pytest.raises(Detectron2ConfigError) as e:
+        d2c.config_from_yaml(path)
+    msg = str(e.value)
+    assert all(k in msg for k in keys) and 'mixed.yaml' in msg and '\n' not in msg, msg
+
+
 @pytest.mark.parametrize('config, key', [
-    ('COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml', 'MODEL.ROI_HEADS.NAME'),
-    ('Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml', 'MODEL.ROI_HEADS.NAME'),
     ('Misc/mask_rcnn_R_50_FPN_3x_dconv_c3-c5.yaml', 'MODEL.RESNETS.DEFORM_ON_PER_STAGE'),
     ('COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml', 'MODEL.KEYPOINT_ON'),
     ('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_giou.yaml', 'BBOX_REG_LOSS_TYPE'),

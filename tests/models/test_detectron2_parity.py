@@ -20,7 +20,8 @@ photo. Forward hooks keep Detectron2's stages; ours come from one compiled progr
     boxes 1e-2 px, scores 1e-4, labels = the COCO ids of Detectron2's classes (from its own
     metadata), masks IoU > 0.99 at 0.5; for R50, `Predictor.__call__` itself (device and host
     paths) too.
-Configs: Mask R-CNN R50 / R101 / X101-32x8d FPN and Faster R-CNN R50 FPN (3x), at reduced test
+Configs: Mask R-CNN R50 / R101 / X101-32x8d FPN, Faster R-CNN R50 FPN, Mask R-CNN R50-C4 (res4
+features, res5 per RoI, 14 x 14 masks) and Cascade Mask R-CNN R50-FPN (3x), at reduced test
 sizes (one canvas bucket per config, larger than Detectron2's 32-padding on at least one side, so
 that the padding masks are exercised), and R50 Mask R-CNN once at the zoo's 800 / 1333.
 `test_saturated_objectness`: Detectron2 ranks proposals by raw logit, also where float32 sigmoids
@@ -35,6 +36,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip('torch')
 
@@ -57,7 +59,6 @@ PHOTOS = {
     'portrait': '000000000072.jpg',               # 640 x 427
     'odd_sized': '000000000049.jpg',              # 500 x 381
 }
-LEVELS = ['p2', 'p3', 'p4', 'p5', 'p6']
 # Raw 28x28 mask probabilities: RoIAlign'd on the detection boxes, which agree within ~1e-3 px
 # (float32 through 50-101 layers and the box decode); Detectron2's own float32 probabilities are up
 # to 1.6e-4 off its float64 ones (R101; `d2r.float64_predictor`), and moving its boxes by 1e-3 px
@@ -80,6 +81,8 @@ class Case:
     bucket: tuple[int, int]           # our one canvas: holds every photo's padded size, or more
     seed: int = 0
     fold_bn: bool = False             # BN statistics folded into weight / bias, as in zoo files
+    opts: tuple = ()                  # (key, value) overrides of the yaml, on both sides
+    calibration: tuple = ()           # (name, value) arguments of d2r.build_calibrated_detectron2
 
 
 CASES = {
@@ -95,9 +98,31 @@ CASES = {
     # 425 x 640 (h x w) -> 480 x 723, no mask head.
     'FasterR50': Case('COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml', 480, 800, ('landscape_odd_height',),
                       (480, 736), seed=3),
+    # C4: res5 runs on every proposal, ~0.64 GMAC each in R50 whatever the image size: 200
+    # proposals instead of 1000 (on both sides) keep it to seconds on 2 CPU cores. 640 x 427 ->
+    # 480 x 320 (no 32-padding in C4) on a 512 x 352 canvas.
+    'C4R50': Case('COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml', 320, 512, ('portrait',), (512, 352),
+                  seed=5, opts=(('MODEL.RPN.POST_NMS_TOPK_TEST', 200),)),
+    # Cascade: three box stages, scores averaged, class-agnostic boxes of the last stage. The
+    # mean of three independent random classifiers' probabilities is flatter than one's: logits of
+    # std 4 per stage give scores spread as far as the other configs' (std 2, one stage).
+    'CascadeR50': Case('Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml', 320, 512, ('landscape_odd_height',),
+                       (352, 512), seed=6, calibration=(('cls_logit_std', 4.0),)),
 }
 FULL = Case('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml', 800, 1333, ('landscape_odd_height',),
             (800, 1216), seed=4, fold_bn=True)
+
+
+def _nested(flat: dict) -> dict:
+    """{'A.B.C': v} -> {'A': {'B': {'C': v}}} (a yaml's layout)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split('.')
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
 def _load(shared_data, name) -> np.ndarray:
@@ -123,12 +148,18 @@ class Pair:
     def __init__(self, case: Case, photos: dict, tmp_path):
         t0 = time.perf_counter()
         self.case = case
-        self.cfg = d2r.zoo_config(case.config, min_size=case.min_size, max_size=case.max_size)
+        self.cfg = d2r.zoo_config(case.config, min_size=case.min_size, max_size=case.max_size, **dict(case.opts))
+        config_file = d2r.zoo_config_path(case.config)
+        if case.opts:   # the user's side: a yaml on top of the zoo's (a _BASE_ chain)
+            config_file = tmp_path / 'config.yaml'
+            config_file.write_text(yaml.safe_dump({'_BASE_': str(d2r.zoo_config_path(case.config)),
+                                                   **_nested(dict(case.opts))}))
         images_bgr = [np.ascontiguousarray(photos[k][:, :, ::-1]) for k in case.photos]
-        self.model = d2r.build_calibrated_detectron2(self.cfg, case.seed, images_bgr, fold_bn=case.fold_bn)
+        self.model = d2r.build_calibrated_detectron2(self.cfg, case.seed, images_bgr, fold_bn=case.fold_bn,
+                                                     **dict(case.calibration))
         self.pkl = d2r.save_zoo_pkl(self.model, tmp_path / 'model_final_calibrated.pkl')
         self.reference = d2r.default_predictor(self.cfg, self.pkl)
-        self.predictor = Predictor.from_detectron2(str(self.pkl), config_file=str(d2r.zoo_config_path(case.config)),
+        self.predictor = Predictor.from_detectron2(str(self.pkl), config_file=str(config_file),
                                                    min_size=case.min_size, max_size=case.max_size,
                                                    buckets=[case.bucket])
         model = self.predictor.model
@@ -209,9 +240,10 @@ def compare(pair: Pair, image_rgb: np.ndarray, variables=None, ref=None, proposa
     ph, pw = ref['input'].shape[:2]
     assert pair.case.bucket[0] >= ph and pair.case.bucket[1] >= pw
 
-    # Backbone + FPN, inside Detectron2's padded tensor.
+    # Backbone + FPN (p2..p6; res4 for C4), inside Detectron2's padded tensor.
     fig['feature_rel_err'] = {}
-    for level, ours in zip(LEVELS, feats):
+    assert len(feats) == len(ref['features'])
+    for level, ours in zip(ref['features'], feats):
         theirs = ref['features'][level]
         mine = ours[0, :theirs.shape[0], :theirs.shape[1]]
         rel = float(np.abs(mine - theirs).max() / np.abs(theirs).max())
@@ -249,7 +281,8 @@ def compare(pair: Pair, image_rgb: np.ndarray, variables=None, ref=None, proposa
     np.testing.assert_allclose(det['boxes'][0, :k], raw['boxes'][perm], atol=1e-2, rtol=0)
     if 'mask_probs' in raw:
         probs, ref_probs = det['masks'][0, :k], raw['mask_probs'][perm]
-        assert probs.shape == ref_probs.shape == (k, 28, 28)
+        m = pair.predictor.config.model.roi.mask_resolution      # 28 (14 for C4)
+        assert probs.shape == ref_probs.shape == (k, m, m)
         fig['mask_prob_err'] = float(np.abs(probs - ref_probs).max())
         fig['mask_unsaturated'] = float(((ref_probs > 0.05) & (ref_probs < 0.95)).mean())
         assert fig['mask_prob_err'] < MASK_PROB_ATOL, f'raw mask probabilities differ by {fig["mask_prob_err"]:.2e}'

@@ -1,8 +1,10 @@
-"""Loss parity with Detectron2's Mask R-CNN in training mode: same weights, images, targets, samples.
+"""Loss parity with Detectron2's Mask R-CNN in training mode: same weights, images, targets, samples,
+for the FPN, C4 and Cascade architectures (`ARCHS`).
 
 Detectron2 (its unmodified source, ../shared/vendor/detectron2) builds `mask_rcnn_R_50_FPN_3x.yaml`
-shrunk by a small yaml on top of it (8 classes, bottleneck width 32, FPN 64 channels, fc 256, mask
-head 2 x 64, images 320 / 512, all read from the config by both sides), with random weights
+(or `mask_rcnn_R_50_C4_3x.yaml`, `cascade_mask_rcnn_R_50_FPN_3x.yaml`) shrunk by a small yaml on
+top of it (8 classes, bottleneck width 32, FPN 64 channels, fc 256, mask head 2 x 64; C4: 128 RoIs
+per image, a 64-channel deconv; images 320 / 512, all read from the config by both sides), with random weights
 calibrated into a trained network's regime (`mrcnn_jax.testing.detectron2_reference`). Our side is
 what a user gets from that yaml: `convert.detectron2.config_from_yaml` (Detectron2 conventions) and
 `convert_state_dict` of the model's state_dict. Two real photos (640 x 480 -> 320 x 427, padded to
@@ -30,6 +32,9 @@ the RPN sample is every eligible anchor and falls short of batch_size_per_image:
 normalizer (batch_size_per_image x images) then differs from the sampled count (torchvision's);
 the default 256 never shows it on real photos (negatives are always plentiful). It also makes the
 matcher check cover every anchor.
+C4 runs res5 on every sampled RoI and reuses the positives' res5 features for the mask loss;
+Cascade's stages 1 and 2 re-match stage 0's regressed boxes (no sampling, nothing to patch), and
+its loss terms are compared stage by stage.
 Our GT additionally holds a crowd box, a zero-width box and padding rows, which Detectron2's data
 path drops (`iscrowd`, `filter_empty_instances`): they must not change any loss.
 Asserted: every loss term within 1e-4 relative; gradients of the FPN, RPN head, box head,
@@ -48,7 +53,7 @@ trained head's sample; a softer one leaves more of fc1's ReLU decisions to float
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 
 import numpy as np
 import pytest
@@ -64,60 +69,99 @@ except ImportError as e:    # pragma: no cover - depends on the checkout
 
 import flax
 import jax
+from d2_loss_helpers import (MAX_INSTANCES, _detectron2_inputs, _FixedSubsample, _grad_state_dict,
+                             _load_photo, _match_proposals, _our_batch)
 from detectron2.config import get_cfg
-from detectron2.data import detection_utils as d2_utils
-from detectron2.data import transforms as T
 from detectron2.modeling.proposal_generator import rpn as d2_rpn
 from detectron2.modeling.roi_heads import roi_heads as d2_roi_heads
-from detectron2.structures import BitMasks, BoxMode
+from detectron2.structures import BitMasks
 from detectron2.utils.events import EventStorage
-from PIL import Image
 
 from mrcnn_jax.convert import detectron2 as d2c
 from mrcnn_jax.models import conventions
 from mrcnn_jax.models.mask_rcnn import MaskRCNN, build_model
 from mrcnn_jax.training.losses import LossSettings, make_loss_fn
 
-ZOO = 'COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml'
 PHOTOS = ('000000000110.jpg', '000000000397.jpg')   # both 640 x 480, 24 and 7 instances, 6-7 classes
 MIN_SIZE, MAX_SIZE = 320, 512
 NUM_CLASSES = 8                                     # Detectron2's K (ours: K + 1 with background 0)
 RPN_BATCH = 40000                                   # > 35805 anchors of a 320 x 448 canvas
-MAX_INSTANCES = 32
-MAX_TIES = 2            # proposals per image that float32 near-ties of NMS may give one side only
-MASK_SIZE = 112
 LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-3
-# Detectron2's loss names -> ours.
-LOSS_NAMES = {'loss_rpn_cls': 'loss_objectness', 'loss_rpn_loc': 'loss_rpn_box_reg',
-              'loss_cls': 'loss_classifier', 'loss_box_reg': 'loss_box_reg', 'loss_mask': 'loss_mask'}
-GRAD_KEYS = (
-    'backbone.fpn_lateral5.weight',
-    'backbone.fpn_lateral2.weight',
-    'backbone.fpn_output2.weight',
-    'proposal_generator.rpn_head.conv.weight',
-    'proposal_generator.rpn_head.objectness_logits.weight',
-    'proposal_generator.rpn_head.anchor_deltas.weight',
-    'roi_heads.box_head.fc1.weight',
-    'roi_heads.box_head.fc2.bias',
-    'roi_heads.box_predictor.cls_score.weight',
-    'roi_heads.box_predictor.bbox_pred.weight',
-    'roi_heads.mask_head.mask_fcn1.weight',
-    'roi_heads.mask_head.deconv.weight',
-    'roi_heads.mask_head.predictor.weight',
-)
 # The ResNet body's gradients are ill-conditioned in float32 on this (random, calibrated)
-# network, so they are compared at a tolerance above that noise (measured once): Detectron2's own
-# float32 gradients of loss_rpn_cls differ from its float64 ones by 5e-4 (res5.1.conv2), 5e-3
+# network, so they are compared at a tolerance above that noise (measured once, FPN): Detectron2's
+# own float32 gradients of loss_rpn_cls differ from its float64 ones by 5e-4 (res5.1.conv2), 5e-3
 # (res4.0.shortcut) and 7e-3 (res3.0.conv1) of the largest entry, ours by as much; changing our
 # input by one float32 ulp moves ours by 3e-3 to 6e-3; ours and Detectron2's differ by up to 1.1e-2.
-BODY_GRAD_KEYS = (
-    'backbone.bottom_up.res5.2.conv3.weight',
-    'backbone.bottom_up.res5.1.conv2.weight',
-    'backbone.bottom_up.res4.0.shortcut.weight',
-    'backbone.bottom_up.res3.0.conv1.weight',
-)
 BODY_GRAD_RTOL = 3e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """One architecture: its zoo yaml and the small yaml on top, Detectron2's loss names -> ours,
+    the gradients compared (head, body), and the stage-0 names of the box losses."""
+    zoo: str
+    small: str
+    losses: dict
+    grad_keys: tuple
+    body_grad_keys: tuple
+    roi_batch: int = 512
+    box_stage: str = ''                 # Cascade: '_stage0'
+    proposal_score_atol: float = 1e-5   # matched proposals' probabilities (all 2000 per image)
+
+
+_FPN_HEADS = (
+    'backbone.fpn_lateral5.weight', 'backbone.fpn_lateral2.weight', 'backbone.fpn_output2.weight',
+    'proposal_generator.rpn_head.conv.weight', 'proposal_generator.rpn_head.objectness_logits.weight',
+    'proposal_generator.rpn_head.anchor_deltas.weight')
+_MASK = ('roi_heads.mask_head.deconv.weight', 'roi_heads.mask_head.predictor.weight')
+_FPN_BODY = ('backbone.bottom_up.res5.2.conv3.weight', 'backbone.bottom_up.res5.1.conv2.weight',
+             'backbone.bottom_up.res4.0.shortcut.weight', 'backbone.bottom_up.res3.0.conv1.weight')
+_RPN_LOSSES = {'loss_rpn_cls': 'loss_objectness', 'loss_rpn_loc': 'loss_rpn_box_reg', 'loss_mask': 'loss_mask'}
+_FPN_YAML = """\
+  FPN:
+    OUT_CHANNELS: 64
+  ROI_BOX_HEAD:
+    FC_DIM: 256
+  ROI_MASK_HEAD:
+    NUM_CONV: 2
+    CONV_DIM: 64
+"""
+ARCHS = {
+    'FPN': Arch('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml', _FPN_YAML,
+                {**_RPN_LOSSES, 'loss_cls': 'loss_classifier', 'loss_box_reg': 'loss_box_reg'},
+                _FPN_HEADS + ('roi_heads.box_head.fc1.weight', 'roi_heads.box_head.fc2.bias',
+                              'roi_heads.box_predictor.cls_score.weight', 'roi_heads.box_predictor.bbox_pred.weight',
+                              'roi_heads.mask_head.mask_fcn1.weight') + _MASK, _FPN_BODY),
+    # C4: res5 (bottleneck width 256 here) on every sampled RoI, through both losses' gradients;
+    # 128 RoIs per image keep its cost to seconds. No 32-padding (320 x 427 as it is).
+    'C4': Arch('COCO-InstanceSegmentation/mask_rcnn_R_50_C4_3x.yaml', """\
+  ROI_MASK_HEAD:
+    CONV_DIM: 64
+""", {**_RPN_LOSSES, 'loss_cls': 'loss_classifier', 'loss_box_reg': 'loss_box_reg'},
+        ('proposal_generator.rpn_head.objectness_logits.weight', 'proposal_generator.rpn_head.anchor_deltas.weight',
+         'roi_heads.box_predictor.cls_score.weight', 'roi_heads.box_predictor.bbox_pred.weight') + _MASK,
+        # Ill-conditioned in float32 here too: Detectron2's own float32 gradients differ from its
+        # float64 ones by 2.1e-3 (rpn_head.conv, 1024 channels on res4) and 1.5e-3 (res5.2.conv3) of
+        # the largest entry (measured once, same photos and seeds), above GRAD_RTOL.
+        ('proposal_generator.rpn_head.conv.weight', 'roi_heads.res5.2.conv3.weight',
+         'roi_heads.res5.0.shortcut.weight', 'roi_heads.res5.0.conv1.weight', 'backbone.res4.0.shortcut.weight',
+         'backbone.res3.0.conv1.weight'),
+        # The RPN reads res4 through a 1024-channel 3x3 conv (9216-term sums; FPN's: 2304): res4's
+        # float32 error (~4e-6 relative, as at inference) gives logit errors up to ~4e-5, i.e. 1e-5 in
+        # probability near 0.6 (measured: 1.05e-5 on 1 of 4000, the rest below 1e-5).
+        roi_batch=128, proposal_score_atol=2e-5),
+    # Cascade: stage 0 samples (patched to ours), stages 1 and 2 re-match the regressed boxes.
+    'Cascade': Arch('Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml', _FPN_YAML,
+                    {**_RPN_LOSSES, **{f'loss_{d}_stage{k}': f'loss_{o}_stage{k}' for k in range(3)
+                                       for d, o in (('cls', 'classifier'), ('box_reg', 'box_reg'))}},
+                    _FPN_HEADS + ('roi_heads.box_head.0.fc1.weight', 'roi_heads.box_head.1.fc2.weight',
+                                  'roi_heads.box_head.2.fc2.bias', 'roi_heads.box_predictor.0.cls_score.weight',
+                                  'roi_heads.box_predictor.1.bbox_pred.weight',
+                                  'roi_heads.box_predictor.2.cls_score.weight',
+                                  'roi_heads.mask_head.mask_fcn1.weight') + _MASK, _FPN_BODY,
+                    box_stage='_stage0'),
+}
 SMALL_YAML = """\
 _BASE_: "{base}"
 MODEL:
@@ -125,18 +169,12 @@ MODEL:
   WEIGHTS: ""
   RESNETS:
     WIDTH_PER_GROUP: 32
-  FPN:
-    OUT_CHANNELS: 64
   RPN:
     BATCH_SIZE_PER_IMAGE: {rpn_batch}
   ROI_HEADS:
     NUM_CLASSES: {num_classes}
-  ROI_BOX_HEAD:
-    FC_DIM: 256
-  ROI_MASK_HEAD:
-    NUM_CONV: 2
-    CONV_DIM: 64
-INPUT:
+    BATCH_SIZE_PER_IMAGE: {roi_batch}
+{arch}INPUT:
   MIN_SIZE_TRAIN: ({min_size},)
   MAX_SIZE_TRAIN: {max_size}
   MIN_SIZE_TEST: {min_size}
@@ -145,147 +183,6 @@ INPUT:
 DATASETS:
   TRAIN: ()
 """
-
-
-def _load_photo(shared_data, name):
-    """(image uint8 RGB [H, W, 3], annotations of the image as in the COCO json)."""
-    root = shared_data / 'coco128_seg'
-    ann = json.loads((root / 'annotations.json').read_text())
-    entry = next(i for i in ann['images'] if i['file_name'] == name)
-    objs = [a for a in ann['annotations'] if a['image_id'] == entry['id'] and not a['iscrowd']]
-    image = np.asarray(Image.open(root / 'images' / name).convert('RGB'))
-    assert image.shape[:2] == (entry['height'], entry['width'])
-    return image, objs
-
-
-def _detectron2_inputs(d2cfg, photos, class_of):
-    """Detectron2's DatasetMapper on each photo (training, no flip): the resized CHW BGR image and
-    its Instances (gt_boxes, 0-based gt_classes, gt_masks as BitMasks)."""
-    resize = T.ResizeShortestEdge(d2cfg.INPUT.MIN_SIZE_TRAIN, d2cfg.INPUT.MAX_SIZE_TRAIN, 'choice')
-    inputs = []
-    for image, objs in photos:
-        bgr = np.ascontiguousarray(image[:, :, ::-1])
-        aug = T.AugInput(bgr)
-        tfms = resize(aug)
-        annos = [d2_utils.transform_instance_annotations(
-            {'bbox': a['bbox'], 'bbox_mode': BoxMode.XYWH_ABS, 'segmentation': a['segmentation'],
-             'category_id': class_of[a['category_id']]}, tfms, aug.image.shape[:2]) for a in objs]
-        inst = d2_utils.annotations_to_instances(annos, aug.image.shape[:2], mask_format='bitmask')
-        inst = d2_utils.filter_empty_instances(inst)
-        assert len(inst) == len(objs)
-        inputs.append({'image': torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
-                       'height': image.shape[0], 'width': image.shape[1], 'instances': inst})
-    return inputs
-
-
-def _box_crops(masks, boxes, size):
-    """The input pipeline's M x M box-cropped GT masks (mrcnn_jax/data/transforms.py)."""
-    from mrcnn_jax.data.transforms import mask_targets
-    return np.asarray(mask_targets(masks, boxes, size))
-
-
-def _our_batch(photos, inputs, canvas, class_of):
-    """Our padded batch on Detectron2's normalized, padded input tensor, with the same GT plus a
-    crowd box, a zero-width box and padding rows that Detectron2 never sees."""
-    from mrcnn_jax.data.coco import segmentation_to_mask
-    bsz = len(photos)
-    gt_boxes = np.zeros((bsz, MAX_INSTANCES, 4), np.float32)
-    gt_classes = np.zeros((bsz, MAX_INSTANCES), np.int32)
-    gt_crowd = np.zeros((bsz, MAX_INSTANCES), bool)
-    gt_valid = np.zeros((bsz, MAX_INSTANCES), bool)
-    gt_masks = np.zeros((bsz, MAX_INSTANCES, MASK_SIZE, MASK_SIZE), np.uint8)
-    info = np.zeros((bsz, 6), np.float32)
-    for i, ((image, objs), x) in enumerate(zip(photos, inputs)):
-        h, w = image.shape[:2]
-        inst = x['instances']
-        n = len(inst)
-        gt_boxes[i, :n] = inst.gt_boxes.tensor.numpy()
-        gt_classes[i, :n] = inst.gt_classes.numpy() + 1
-        np.testing.assert_array_equal(gt_classes[i, :n], [class_of[a['category_id']] + 1 for a in objs])
-        gt_valid[i, :n] = True
-        orig_boxes = np.asarray([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2],
-                                  a['bbox'][1] + a['bbox'][3]] for a in objs], np.float32)
-        masks = np.stack([segmentation_to_mask(a['segmentation'], h, w) for a in objs])
-        gt_masks[i, :n] = _box_crops(masks, orig_boxes, MASK_SIZE)
-        gt_boxes[i, n] = (40, 30, 300, 250)          # crowd: Detectron2's data path drops it
-        gt_classes[i, n], gt_crowd[i, n], gt_valid[i, n] = 1, True, True
-        gt_boxes[i, n + 1] = (100, 60, 100, 200)     # zero width: filtered before matching
-        gt_classes[i, n + 1], gt_valid[i, n + 1] = 3, True
-        gt_masks[i, n:n + 2] = 1
-        rh, rw = inst.image_size
-        info[i] = (h, w, rh, rw, rh / h, rw / w)
-    return {'images': canvas, 'image_info': info, 'gt_boxes': gt_boxes, 'gt_classes': gt_classes,
-            'gt_is_crowd': gt_crowd, 'gt_valid': gt_valid, 'gt_masks': gt_masks}
-
-
-def _iou(box, boxes):
-    """IoU of one box with each of `boxes` (float64)."""
-    box, boxes = np.asarray(box, np.float64), np.asarray(boxes, np.float64)
-    wh = np.clip(np.minimum(box[2:], boxes[:, 2:]) - np.maximum(box[:2], boxes[:, :2]), 0, None)
-    inter = wh[:, 0] * wh[:, 1]
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return inter / (area + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter)
-
-
-def _near_tie(boxes, scores, j, nms_thresh):
-    """Whether proposal j overlaps a higher-scoring one by an IoU within float32 noise of the NMS
-    threshold (kept on one side, suppressed on the other), or is one of the last MAX_TIES (moved
-    into the top proposals in place of one suppressed)."""
-    higher = scores > scores[j]
-    if higher.sum() >= len(scores) - MAX_TIES:
-        return True
-    return bool(np.any(np.abs(_iou(boxes[j], boxes[higher]) - nms_thresh) < 1e-4))
-
-
-def _match_proposals(ours, ours_scores, theirs, theirs_scores, nms_thresh):
-    """(Index of Detectron2's proposal for each of our valid proposals, Detectron2's proposals
-    that are not ours). Rows whose scores tie within float32 noise may come in either order. Up to
-    MAX_TIES proposals may be on one side only, where float32 noise of the boxes (~1e-4 px) decides
-    an NMS comparison at an IoU within 1e-4 of the threshold; they map to -1."""
-    assert len(ours) == len(theirs), f'{len(ours)} valid proposals vs Detectron2 {len(theirs)}'
-    err = np.abs(ours[:, None, :] - theirs[None, :, :]).max(-1)
-    perm = err.argmin(1)
-    ok = err[np.arange(len(ours)), perm] < 2e-3
-    assert len(np.unique(perm[ok])) == ok.sum(), 'proposals do not map one to one'
-    np.testing.assert_allclose(ours_scores[ok], theirs_scores[perm[ok]], atol=1e-5, rtol=0)
-    only_ours = np.flatnonzero(~ok)
-    only_theirs = np.setdiff1d(np.arange(len(theirs)), perm[ok])
-    assert len(only_ours) <= MAX_TIES, f'{len(only_ours)} proposals differ from Detectron2\'s'
-    for j in only_ours:
-        assert _near_tie(ours, ours_scores, j, nms_thresh), f'our proposal {ours[j]} is not Detectron2\'s'
-    for j in only_theirs:
-        assert _near_tie(theirs, theirs_scores, j, nms_thresh), f'Detectron2\'s proposal {theirs[j]} is not ours'
-    return np.where(ok, perm, -1), only_theirs
-
-
-class _FixedSubsample:
-    """Stands in for `subsample_labels` (detectron2/modeling/sampling.py): returns the given
-    indices of image i on its i-th call, after checking that Detectron2 labelled them as we did."""
-
-    def __init__(self, name, pos, neg, pos_labels=None, unmapped=None):
-        self.name, self.pos, self.neg, self.pos_labels = name, pos, neg, pos_labels
-        self.unmapped = unmapped      # per image: Detectron2's candidates that we do not have
-        self.calls = 0
-
-    def __call__(self, labels, num_samples, positive_fraction, bg_label):
-        i = self.calls
-        self.calls += 1
-        lab = labels.numpy()
-        pos, neg = self.pos[i](), self.neg[i]()
-        expected = 1 if self.pos_labels is None else self.pos_labels[i]
-        np.testing.assert_array_equal(lab[pos], expected, err_msg=f'{self.name}: image {i} positives')
-        np.testing.assert_array_equal(lab[neg], bg_label, err_msg=f'{self.name}: image {i} negatives')
-        known = np.ones(len(lab), bool)
-        if self.unmapped is not None:
-            known[self.unmapped[i]()] = False
-        n_pos = ((lab != -1) & (lab != bg_label) & known).sum()
-        n_neg = ((lab == bg_label) & known).sum()
-        if len(pos) < int(num_samples * positive_fraction):   # we took every positive
-            assert n_pos == len(pos), f'{self.name}: image {i}: Detectron2 has {n_pos} positives, we {len(pos)}'
-            if len(pos) + len(neg) < num_samples:               # and every negative
-                assert n_neg == len(neg), f'{self.name}: image {i}: Detectron2 has {n_neg} negatives, we {len(neg)}'
-        assert len(np.intersect1d(pos, neg)) == 0
-        return torch.as_tensor(pos, dtype=torch.long), torch.as_tensor(neg, dtype=torch.long)
 
 
 # The loss conventions that differ from torchvision's, and the terms each of them decides. Soft
@@ -319,11 +216,12 @@ def _loss_terms(cfg, seen, tg, batch, **overrides):
     assert n.sum() == len(scores) and all((rt.weights[i, :n[i]] > 0).all() for i in range(bsz))
     start = np.concatenate([[0], np.cumsum(n)])
     logits = np.zeros((bsz, slots, k), np.float32)
-    box_deltas = np.zeros((bsz, slots, k, 4), np.float32)
+    agnostic = deltas.shape[1] == 4                          # Cascade's stages
+    box_deltas = np.zeros((bsz, slots, 1 if agnostic else k, 4), np.float32)
     for i in range(bsz):
         rows = slice(start[i], start[i + 1])
         logits[i, :n[i]] = np.concatenate([scores[rows, -1:], scores[rows, :-1]], axis=1)
-        box_deltas[i, :n[i], 1:] = deltas[rows].reshape(n[i], k - 1, 4)
+        box_deltas[i, :n[i], 0 if agnostic else 1:] = deltas[rows].reshape(n[i], -1, 4)
     cls, box = losses.box_head_losses(logits, box_deltas, rt, loss_type=s.box_loss.kind, beta=s.box_loss.beta)
     # Mask head: Detectron2's logits of the positives (first in the sample), at their GT class.
     weights = tg['mask_weights']
@@ -358,22 +256,17 @@ def _loss_terms(cfg, seen, tg, batch, **overrides):
             'loss_box_reg': float(box), 'loss_mask': float(mask), 'mask_predictor_grad': predictor_grad}
 
 
-def _grad_state_dict(model):
-    """torch grads as a state_dict (zeros for buffers and frozen parameters)."""
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return {k: (grads[k] if k in grads else torch.zeros_like(v)).detach().numpy()
-            for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope='module')
-def setup(shared_data, tmp_path_factory):
+@pytest.fixture(scope='module', params=list(ARCHS))
+def setup(request, shared_data, tmp_path_factory):
+    arch = ARCHS[request.param]
     photos = [_load_photo(shared_data, name) for name in PHOTOS]
     cats = sorted({a['category_id'] for _, objs in photos for a in objs})
     assert len(cats) <= NUM_CLASSES
     class_of = {c: i for i, c in enumerate(cats)}       # COCO id -> Detectron2's 0-based class
     yaml_path = tmp_path_factory.mktemp('d2cfg') / 'mask_rcnn_small.yaml'
-    yaml_path.write_text(SMALL_YAML.format(base=d2r.zoo_config_path(ZOO), rpn_batch=RPN_BATCH,
-                                           num_classes=NUM_CLASSES, min_size=MIN_SIZE, max_size=MAX_SIZE))
+    yaml_path.write_text(SMALL_YAML.format(base=d2r.zoo_config_path(arch.zoo), rpn_batch=RPN_BATCH,
+                                           num_classes=NUM_CLASSES, min_size=MIN_SIZE, max_size=MAX_SIZE,
+                                           arch=arch.small, roi_batch=arch.roi_batch))
     d2cfg = get_cfg()
     d2cfg.merge_from_file(str(yaml_path))
     d2cfg.freeze()
@@ -387,7 +280,7 @@ def setup(shared_data, tmp_path_factory):
     # longer than 56 feature pixels at their level: elongated RoIs, which training samples). 16
     # covers every RoI of a 320 x 427 image (427 / 4 / 7 < 16), so the RoI features are exact.
     cfg.model.roi.max_sampling_ratio = 16
-    return photos, class_of, inputs, model, cfg
+    return arch, photos, class_of, inputs, model, cfg
 
 
 def _our_losses(cfg, model, batch):
@@ -406,7 +299,7 @@ def _our_losses(cfg, model, batch):
 
 
 def test_loss_parity_with_detectron2(setup, monkeypatch):
-    photos, class_of, inputs, model, cfg = setup
+    arch, photos, class_of, inputs, model, cfg = setup
     assert cfg.model.conventions.name == 'detectron2' and cfg.model.num_classes == NUM_CLASSES + 1
     conv = conventions.Conventions.from_config(cfg.model.conventions)
     assert (conv.rpn_loss_normalizer, conv.mask_targets) == ('nominal', 'hard')
@@ -415,7 +308,8 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     with torch.no_grad():
         image_list = model.preprocess_image(inputs)
     bsz, _, ch, cw = image_list.tensor.shape
-    assert [tuple(s) for s in image_list.image_sizes] == [(320, 427)] * 2 and (ch, cw) == (320, 448)
+    c4 = not cfg.model.fpn.enabled        # Detectron2 pads C4 inputs to no multiple
+    assert [tuple(s) for s in image_list.image_sizes] == [(320, 427)] * 2 and (ch, cw) == ((320, 427) if c4 else (320, 448))
     canvas = image_list.tensor.permute(0, 2, 3, 1).numpy()
     batch = _our_batch(photos, inputs, canvas, class_of)
 
@@ -435,7 +329,8 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     hooks = [model.proposal_generator.register_forward_hook(on_rpn),
              model.proposal_generator.anchor_generator.register_forward_hook(
                  lambda m, a, out: record.__setitem__('anchors', np.concatenate([b.tensor.numpy() for b in out])))]
-    level_shapes = [np.zeros((1, -(-ch // 2 ** l), -(-cw // 2 ** l), 1), np.float32) for l in range(2, 7)]
+    levels = (4,) if c4 else range(2, 7)
+    level_shapes = [np.zeros((1, -(-ch // 2 ** l), -(-cw // 2 ** l), 1), np.float32) for l in levels]
     anchors, anchor_ok = jax.jit(lambda v, info: net.apply(v, level_shapes, info, method=MaskRCNN.anchors))(
         variables, batch['image_info'])
     our_anchors = np.concatenate([np.broadcast_to(a, (bsz,) + a.shape[1:]) for a in anchors], axis=1)
@@ -457,7 +352,8 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
             ok = tg['proposal_ok'][i]
             assert ok[:ok.sum()].all(), 'valid proposals come first'
             perm, unmapped[i] = _match_proposals(tg['proposals'][i][ok], tg['proposal_scores'][i][ok],
-                                                 d2_boxes, d2_scores, cfg.model.rpn.nms_thresh)
+                                                 d2_boxes, d2_scores, cfg.model.rpn.nms_thresh,
+                                                 arch.proposal_score_atol)
             n_gt = len(inputs[i]['instances'])
             cand = np.full(p_slots + MAX_INSTANCES, -1)       # our [P proposal slots; G GT slots]
             cand[:ok.sum()] = perm
@@ -510,10 +406,16 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
         return rpn_losses(anchors, logits, gt_labels, deltas, gt_boxes)
 
     monkeypatch.setattr(model.proposal_generator, 'losses', recording_rpn_losses)
-    hooks += [model.roi_heads.box_predictor.register_forward_hook(
+    # Stage 0's box predictor (and fc1, without C4's res5) and the mask predictor.
+    heads = model.roi_heads
+    cascade = hasattr(heads, 'num_cascade_stages')
+    box_predictor = heads.box_predictor[0] if cascade else heads.box_predictor
+    if not c4:
+        def on_fc1(m, a, out):   # (a hook that returns a value replaces the output)
+            seen.setdefault('fc1', out.detach().numpy())
+        hooks.append((heads.box_head[0] if cascade else heads.box_head).fc1.register_forward_hook(on_fc1))
+    hooks += [box_predictor.register_forward_hook(
                   lambda m, a, out: seen.update(cls=out[0].detach(), deltas=out[1].detach())),
-              model.roi_heads.box_head.fc1.register_forward_hook(
-                  lambda m, a, out: seen.__setitem__('fc1', out.detach().numpy())),
               model.roi_heads.mask_head.predictor.register_forward_hook(
                   lambda m, a, out: seen.update(mask=out.detach(), mask_in=a[0].detach()))]
     model.zero_grad()
@@ -526,10 +428,10 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
             h.remove()
     assert rpn_sampler.calls == bsz and roi_sampler.calls == bsz and len(mask_calls) == bsz and len(maps) == bsz
     theirs = {k: float(v.detach()) for k, v in theirs_t.items()}
-    assert set(theirs) == set(LOSS_NAMES)
+    assert set(theirs) == set(arch.losses)
 
     # Not degenerate: positives in both samplers (the RPN sample holds every eligible anchor, so
-    # the matchers were compared on all; both images below the RoI head's 128 positives, so that
+    # the matchers were compared on all; both images below the RoI head's max positives, so that
     # the eligible RoIs were compared in full), several classes, scores and mask logits away from
     # saturation.
     num_pos_anchors = (at.labels * at.weights).sum(1)
@@ -537,7 +439,10 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     num_pos_rois = ((rt.labels > 0) * rt.weights).sum(1)
     assert num_pos_anchors.min() >= 20, num_pos_anchors
     assert num_sampled_anchors.max() < RPN_BATCH, num_sampled_anchors
-    assert num_pos_rois.min() >= 10 and num_pos_rois.max() < 128, num_pos_rois
+    # (C4's 128 RoIs per image cap positives at 32: there the sampled positives are compared)
+    assert num_pos_rois.min() >= 10 and num_pos_rois.max() <= arch.roi_batch // 4, num_pos_rois
+    for k in range(1, 3 if cascade else 1):     # later cascade stages have positives too
+        assert aux[f'num_pos_rois_stage{k}'] >= 3, (k, aux[f'num_pos_rois_stage{k}'])
     assert len(set(np.concatenate(roi_pos_labels).tolist())) >= 6
     prob = float(torch.softmax(seen['cls'], -1).max(-1).values.mean())
     assert 0.2 < prob < 0.999, f'classifier saturated or uniform: mean top score {prob:.2f}'
@@ -549,7 +454,7 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     assert agree > 0.97, f'mask targets agree with Detectron2 crop_and_resize on {agree:.3f} of pixels'
 
     # Every loss term.
-    for k, ok in LOSS_NAMES.items():
+    for k, ok in arch.losses.items():
         assert theirs[k] > 1e-3, f'{k} is degenerate ({theirs[k]})'
         rel = abs(ours[ok] - theirs[k]) / abs(theirs[k])
         assert rel < LOSS_RTOL, f'{k}: ours {ours[ok]:.7g} vs Detectron2 {theirs[k]:.7g} (rel {rel:.1e})'
@@ -563,14 +468,16 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     # ~1e-5 of their std) may differ between the two: one such RoI moves its unit's column of
     # fc1's gradient by ~5e-3 of the largest entry, and nothing else. Those few units are left out
     # of fc1's comparison.
-    pre = seen['fc1']
-    flippable = np.flatnonzero((np.abs(pre) < 2e-5 * pre.std()).any(0))
-    assert len(flippable) <= 16, f'{len(flippable)} of fc1\'s units have near-zero pre-activations'
-    for keys, tol in ((GRAD_KEYS, GRAD_RTOL), (BODY_GRAD_KEYS, BODY_GRAD_RTOL)):
+    flippable = []
+    if not c4:
+        pre = seen['fc1']
+        flippable = np.flatnonzero((np.abs(pre) < 2e-5 * pre.std()).any(0))
+        assert len(flippable) <= 16, f'{len(flippable)} of fc1\'s units have near-zero pre-activations'
+    for keys, tol in ((arch.grad_keys, GRAD_RTOL), (arch.body_grad_keys, BODY_GRAD_RTOL)):
         for key in keys:
             path = table[key][1:]
             g_d2, g_ours = d2_grads[path], our_grads[path]
-            if key == 'roi_heads.box_head.fc1.weight':          # ours [in, out]
+            if key in ('roi_heads.box_head.fc1.weight', 'roi_heads.box_head.0.fc1.weight'):  # ours [in, out]
                 keep = np.setdiff1d(np.arange(g_d2.shape[-1]), flippable)
                 g_d2, g_ours = g_d2[:, keep], g_ours[:, keep]
             scale = np.abs(g_d2).max()
@@ -593,12 +500,15 @@ def test_loss_parity_with_detectron2(setup, monkeypatch):
     soft = _loss_terms(cfg.model, seen, tg, batch, mask_targets=conventions.TORCHVISION.mask_targets)
     rel = np.abs(soft['mask_predictor_grad'] - predictor_grad).max() / scale
     assert rel > 2 * GRAD_RTOL, f'soft mask targets leave the mask predictor gradient within {rel:.1e}'
-    for k in LOSS_NAMES:
-        rel = abs(base[k] - theirs[k]) / abs(theirs[k])
-        assert rel < LOSS_RTOL, f'{k} on Detectron2\'s predictions: {base[k]:.7g} vs {theirs[k]:.7g} (rel {rel:.1e})'
+    def d2_name(k):   # Cascade: the box terms recomputed here are stage 0's
+        return k + arch.box_stage if k in ('loss_cls', 'loss_box_reg') else k
+    for k in ('loss_rpn_cls', 'loss_rpn_loc', 'loss_cls', 'loss_box_reg', 'loss_mask'):
+        t = theirs[d2_name(k)]
+        rel = abs(base[k] - t) / abs(t)
+        assert rel < LOSS_RTOL, f'{k} on Detectron2\'s predictions: {base[k]:.7g} vs {t:.7g} (rel {rel:.1e})'
     for field, terms in TORCHVISION_SENSITIVE.items():
         value = getattr(conventions.TORCHVISION, field)
         moved = _loss_terms(cfg.model, seen, tg, batch, **{field: value})
         for k in terms:
-            rel = abs(moved[k] - theirs[k]) / abs(theirs[k])
+            rel = abs(moved[k] - theirs[d2_name(k)]) / abs(theirs[d2_name(k)])
             assert rel > 5 * LOSS_RTOL, f'{field} = {value!r} leaves {k} within {rel:.1e} of Detectron2\'s'

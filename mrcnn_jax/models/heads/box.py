@@ -40,11 +40,13 @@ class TwoMLPHead(nn.Module):
 
 class FastRCNNPredictor(nn.Module):
     """torchvision's FastRCNNPredictor: `cls_score` (K logits, background at 0) and class-specific
-    `bbox_pred` (K x 4 deltas, the background's unused).
+    `bbox_pred` (K x 4 deltas, the background's unused); with `class_agnostic` one box for all
+    classes (Detectron2's CLS_AGNOSTIC_BBOX_REG, Cascade's stages).
 
-    features [B, R, D] -> class_logits [B, R, K] float32, box_deltas [B, R, K, 4] float32.
+    features [B, R, D] -> class_logits [B, R, K] float32, box_deltas [B, R, K or 1, 4] float32.
     """
     num_classes: int
+    class_agnostic: bool = False
     dtype: Any = jnp.float32
 
     @classmethod
@@ -56,6 +58,7 @@ class FastRCNNPredictor(nn.Module):
         b, r = x.shape[:2]
         logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
                           name='cls_score')(x)
-        deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),
+        boxes = 1 if self.class_agnostic else self.num_classes
+        deltas = nn.Dense(boxes * 4, dtype=self.dtype, kernel_init=nn.initializers.normal(0.001),
                           name='bbox_pred')(x)
-        return logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(b, r, self.num_classes, 4)
+        return logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(b, r, boxes, 4)
