@@ -17,8 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path):
     workdir = tmp_path / 'demo'
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    env.pop('XLA_FLAGS', None)
+    # LLVM -O0: the demo's programs compile in about half the time; what is checked here (the
+    # stages, their output, AP within [0, 1]) does not depend on code generation.
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0')
     p = subprocess.run(
         [sys.executable, '-m', 'mrcnn_jax.cli', 'demo', '--workdir', str(workdir),
          '--config.train.steps=4', '--config.train.checkpoint_every=4',

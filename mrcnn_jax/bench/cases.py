@@ -1,9 +1,10 @@
 """The cases: one builder per (case, side), returning a blocking fn() and a summary of its output.
 
 Sides: 'jax' and 'torch' (torchvision) run on the same inputs (`inputs`) and the same weights,
-torchvision's (`Context`). The R50-FPN inference cases in D2_CASES have two more: 'jax_d2' (our
-Predictor of Detectron2's checkpoint, `Predictor.from_detectron2`) and 'd2' (Detectron2's
-`DefaultPredictor` on that checkpoint), on the same photos and the same weights, Detectron2's.
+torchvision's (`Context`). The cases in D2_CASES have two more: 'jax_d2' (our Predictor of
+Detectron2's checkpoint, `Predictor.from_detectron2`, or our train step on it) and 'd2'
+(Detectron2's `DefaultPredictor` on that checkpoint, or its model training), on the same photos and
+the same weights, Detectron2's (its zoo config: `Settings.d2_config`).
 The torch and Detectron2 sides import torch inside their builders, so that a JAX-side probe never
 does.
 """
@@ -28,8 +29,9 @@ MICRO_CASES = ('roi_align_7x7_gather', 'roi_align_7x7_einsum', 'roi_align_14x14_
 THROUGHPUT_CASES = ('train_1024_bf16', 'inference_bf16_b8')
 CASES = MODEL_CASES + MICRO_CASES + THROUGHPUT_CASES
 SIDES = ('jax', 'torch')
-# The Detectron2 column: R50-FPN inference, end to end (DefaultPredictor) and the model alone.
-D2_CASES = ('inference_b1', 'forward_b1')
+# The Detectron2 column (the zoo config of --d2-config: FPN, C4 or Cascade): inference end to end
+# (DefaultPredictor) and the model alone, and the train step.
+D2_CASES = ('inference_b1', 'forward_b1', 'train_step_b2')
 D2_SIDES = ('jax_d2', 'd2')
 ALL_SIDES = SIDES + D2_SIDES
 TORCH_SIDES = ('torch', 'd2')     # sides that run torch (a probe of one sets torch's threads)
@@ -166,25 +168,89 @@ def jax_train_setup(state_dict: dict, samples: Sequence[Sample], min_size: int, 
                     dtype: str = 'float32'):
     """(step_fn, state, batch, mesh) of our train step on converted torchvision weights; `dtype`
     is the compute dtype of convolutions and FCs (parameters and optimizer state stay float32)."""
-    import jax
     from mrcnn_jax.convert import torchvision as tv_convert
-    from mrcnn_jax.models.mask_rcnn import build_model
     from mrcnn_jax.predictor import config_for_torchvision
-    from mrcnn_jax.training import optimizer, train_step as ts
-    from mrcnn_jax.training.losses import LossSettings, make_loss_fn
     cfg = config_for_torchvision(tv_convert.model_config_from_state_dict(state_dict),
                                  min_size=min_size, max_size=max_size)
     cfg.model.backbone.frozen_stages = 2          # torchvision: trainable_backbone_layers=3
     cfg.data.class_index = 'category_id'          # torchvision's 91-way COCO head
     cfg.model.dtype = dtype
+    step, state, mesh = _jax_step(cfg, tv_convert.convert_state_dict(state_dict, cfg.model))
+    return step, state, train_batch(samples, cfg), mesh
+
+
+def _jax_step(cfg, variables):
+    """(jitted train step, its placed state, mesh) of `cfg`'s model from `variables`, one device."""
+    import jax
+    from mrcnn_jax.models.mask_rcnn import build_model
+    from mrcnn_jax.training import optimizer, train_step as ts
+    from mrcnn_jax.training.losses import LossSettings, make_loss_fn
     model = build_model(cfg.model)
-    variables = tv_convert.convert_state_dict(state_dict, cfg.model)
     tx = optimizer.build_optimizer(cfg.train, variables['params'], cfg.model.backbone.frozen_stages)
     mesh = ts.make_mesh(jax.devices()[:1])
     state = ts.place_state(ts.create_state(variables, tx, jax.random.PRNGKey(0)), mesh)
     frozen = optimizer.frozen_param_mask(variables['params'], cfg.model.backbone.frozen_stages)
     step = ts.make_train_step(make_loss_fn(model, LossSettings.from_config(cfg.model)), tx, mesh, frozen=frozen)
-    return step, state, train_batch(samples, cfg), mesh
+    return step, state, mesh
+
+
+def _jax_d2_train(ctx: Context, samples: Sequence[Sample]):
+    """Our train step on Detectron2's checkpoint with its config (`Predictor.from_detectron2`'s
+    model and variables; Detectron2's losses), at the benchmark's test sizing."""
+    import jax
+    from mrcnn_jax.training import train_step as ts
+    p, s = ctx.d2_jax_predictor, ctx.settings
+    cfg = copy.deepcopy(p.config)
+    cfg.data.min_size, cfg.data.max_size = (s.min_size,), s.max_size
+    step, state, mesh = _jax_step(cfg, jax.device_get(p.variables))
+    batch = train_batch(samples, cfg)
+    # category ids -> the model's labels (Detectron2's contiguous classes + 1)
+    label_of = {int(c): i for i, c in enumerate(p.label_ids) if i > 0}
+    batch['gt_classes'] = np.vectorize(lambda c: label_of.get(int(c), 0))(batch['gt_classes']).astype(np.int32)
+    holder = {'state': state}
+
+    def fn():
+        new_state, metrics = step(holder['state'], ts.shard_batch(batch, mesh))
+        holder['state'] = new_state
+        return jax.device_get(metrics)
+    canvas = batch['images'].shape[1:3]
+    return fn, lambda m: (f'batch {len(samples)}, canvas HxW {canvas[0]}x{canvas[1]}, '
+                          f'loss {float(m["loss"]):.3f}, finite {bool(m["finite"])}')
+
+
+def _d2_train(ctx: Context, samples: Sequence[Sample]):
+    """Detectron2's training step on the same checkpoint: its model in train mode (FrozenBN, stem
+    and res2 frozen by FREEZE_AT), SGD as ours at step 0, on the photos resized by its
+    ResizeShortestEdge (PIL) with their GT boxes, contiguous classes and bit masks."""
+    import torch
+    from detectron2.data import transforms as T
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from PIL import Image
+    dev, s = ctx.device, ctx.settings
+    model = copy.deepcopy(ctx.d2_predictor.model).to(dev)
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.SGD(params, lr=TORCH_LR, momentum=0.9, weight_decay=1e-4)
+    contiguous = {int(c): i - 1 for i, c in enumerate(ctx.d2_jax_predictor.label_ids) if i > 0}
+    resize = T.ResizeShortestEdge([s.min_size, s.min_size], s.max_size)
+    inputs = []
+    for x in samples:
+        bgr = np.ascontiguousarray(x.image[:, :, ::-1])
+        tf = resize.get_transform(bgr)
+        img = tf.apply_image(bgr)
+        rh, rw = img.shape[:2]
+        inst = Instances((rh, rw))
+        inst.gt_boxes = Boxes(torch.from_numpy(tf.apply_box(x.boxes).astype(np.float32)))
+        inst.gt_classes = torch.as_tensor([contiguous[int(c)] for c in x.classes], dtype=torch.int64)
+        inst.gt_masks = BitMasks(torch.from_numpy(np.stack([
+            np.asarray(Image.fromarray(m).resize((rw, rh), Image.NEAREST)) for m in x.masks]) > 0))
+        inputs.append({'image': torch.as_tensor(img.transpose(2, 0, 1).astype('float32')), 'instances': inst})
+
+    def losses():
+        from detectron2.utils.events import EventStorage
+        with EventStorage():
+            return model([{k: v.to(dev) for k, v in d.items()} for d in inputs])
+    return _sgd_step(opt, dev, losses), lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
 
 
 def _jax_train(ctx: Context, samples: Sequence[Sample], min_size: int, max_size: int,
@@ -227,17 +293,23 @@ def _torch_train(ctx: Context, samples: Sequence[Sample], canvas_size: int | Non
         return [x.to(dev) for x in images], [{k: v.to(dev) for k, v in t.items()} for t in targets]
     on_device = to_device() if prefetch else None
 
-    def fn():
+    def losses():
         xs, ts = on_device if prefetch else to_device()
         with _torch_autocast(dev, bf16):
-            losses = model(xs, ts)
-            loss = sum(losses.values())
+            return model(xs, ts)
+    return _sgd_step(opt, dev, losses), lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
+
+
+def _sgd_step(opt, dev, losses: Callable[[], dict]) -> Callable[[], float]:
+    """One torch training step: the summed loss dict's backward and the optimizer's step."""
+    def fn():
+        loss = sum(losses().values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         torch_sync(dev)
         return float(loss.detach())
-    return fn, lambda loss: f'batch {len(samples)}, loss {loss:.3f}'
+    return fn
 
 
 def _throughput_samples(ctx: Context) -> list[Sample]:
@@ -338,6 +410,9 @@ def build_case(name: str, side: str, ctx: Context) -> tuple[Callable[[], Any], C
             raise ValueError(f'case {name!r} has no side {side!r} (Detectron2 runs in {", ".join(D2_CASES)})')
         if name == 'inference_b1':
             return _jax_d2_inference(ctx) if side == 'jax_d2' else _d2_inference(ctx)
+        if name == 'train_step_b2':
+            samples = ctx.samples[:TRAIN_BATCH]
+            return _jax_d2_train(ctx, samples) if side == 'jax_d2' else _d2_train(ctx, samples)
         return _jax_forward(ctx, ctx.d2_jax_predictor) if side == 'jax_d2' else _d2_forward(ctx)
     if side not in SIDES:
         raise ValueError(f'unknown side {side!r}; known: {", ".join(ALL_SIDES)}')

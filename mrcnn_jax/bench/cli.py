@@ -1,4 +1,4 @@
-"""JAX against torchvision, and for R50-FPN inference Detectron2, each on the same weights, images
+"""JAX against torchvision, and Detectron2 (FPN, C4 or Cascade), each on the same weights, images
 and machine (issue 6, section 1).
 
     python scripts/benchmark.py [--quick] [--only NAME[,NAME]] [--runs N] [--json PATH]
@@ -30,15 +30,19 @@ state_dict with `Predictor.from_torchvision` and times, on the same real photos
   inference_bf16_b8 (GPU default) 8 photos per Predictor call, 800/1333, bf16 compute vs torch
                   autocast(bfloat16) inference; images/s and ms per image
 
-Detectron2 column (inference_b1, forward_b1): where Detectron2's source is found (vendored at
-`../shared/vendor/detectron2`, or $MRCNN_JAX_DETECTRON2; `--no-detectron2` turns it off), the run
-also builds Detectron2's `COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml` with seeded weights
+Detectron2 column (inference_b1, forward_b1, train_step_b2): where Detectron2's source is found
+(vendored at `../shared/vendor/detectron2`, or $MRCNN_JAX_DETECTRON2; `--no-detectron2` turns it
+off), the run also builds Detectron2's `COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml` (or
+the zoo config `--d2-config` names: `mask_rcnn_R_50_C4_3x.yaml`, `Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml`)
+with seeded weights
 calibrated on the same photos (`mrcnn_jax.testing.detectron2_reference`), saves them as a model-zoo
 .pkl, and adds two sides to those cases' rounds (JAX, torch, JAX on Detectron2's weights,
 Detectron2): `Predictor.from_detectron2(pkl, config_file=yaml)` (Detectron2's conventions: PIL
 resize on the host, its mask paste, masks thresholded at 0.5 as Detectron2 returns them) against
 Detectron2 as users run it, `DefaultPredictor(cfg)(image_bgr)`; for forward_b1, our jitted model
-against Detectron2's backbone + proposal generator + RoI heads on its preprocessed image. The
+against Detectron2's backbone + proposal generator + RoI heads on its preprocessed image; for
+train_step_b2, our jitted train step (Detectron2's losses) against Detectron2's model in training
+mode with torch SGD, on the same two photos and their annotations. The
 same-weights comparisons are JAX vs torchvision on torchvision's weights (`ratio`) and JAX vs
 Detectron2 on Detectron2's (`ratio_jax_d2`); torchvision and Detectron2 have different weights. Without
 the source the column is skipped with a message naming what is missing (rows: `d2_skipped`).
@@ -121,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='images per step of train_1024_bf16 (default 16, quick 2)')
     p.add_argument('--micro-canvas', default='', help='HxW of the RoIAlign FPN canvas (default: the image class)')
     p.add_argument('--micro-rois', type=int, default=0, help='RoIs of both RoIAlign cases (default 1000 / 100)')
+    p.add_argument('--d2-config', default='', help='the Detectron2 column\'s model-zoo config (default '
+                   'COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml; C4: ..._R_50_C4_3x.yaml, Cascade: '
+                   'Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml)')
     p.add_argument('--no-detectron2', action='store_true',
                    help='leave out the Detectron2 column (inference_b1, forward_b1), which otherwise runs '
                    'where its source is found (../shared/vendor/detectron2 or $MRCNN_JAX_DETECTRON2)')

@@ -53,6 +53,8 @@ class Settings:
         if args.quick:
             s.quick, s.min_size, s.max_size, s.runs = True, 320, 512, 2
             s.rois_7 = 250
+        if getattr(args, 'd2_config', ''):
+            s.d2_config = args.d2_config
         if args.min_size:
             s.min_size = args.min_size
         if args.max_size:

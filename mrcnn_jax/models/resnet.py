@@ -82,6 +82,15 @@ class Bottleneck(nn.Module):
         return nn.relu(y + x)
 
 
+def make_block(kind: str, planes: int, stride: int, downsample: bool, norm: str, norm_eps: float, dtype: Any,
+               *, groups: int, width_per_group: int, stride_in_1x1: bool, name: str) -> nn.Module:
+    """A basic or bottleneck block (the backbone's stages and `Res5` build theirs alike)."""
+    if kind == 'basic':
+        return BasicBlock(planes, stride, downsample, norm, norm_eps, dtype, name=name)
+    return Bottleneck(planes, stride, downsample, norm, norm_eps, dtype, groups=groups,
+                      width_per_group=width_per_group, stride_in_1x1=stride_in_1x1, name=name)
+
+
 class ResNet(nn.Module):
     """images [B, H, W, 3] -> [C2, C3, C4, C5] at strides 4, 8, 16, 32 (those `return_levels` names)."""
     depth: int = 50
@@ -119,16 +128,11 @@ class ResNet(nn.Module):
             planes = self.width * 2 ** i
             for j in range(n):
                 s = 2 if (j == 0 and i > 0) else 1
-                if kind == 'basic':
-                    out_ch = planes
-                    block = BasicBlock(planes, s, j == 0 and (s != 1 or in_ch != out_ch), self.norm,
-                                       self.norm_eps, self.dtype, name=f'layer{i + 1}_{j}')
-                else:
-                    out_ch = planes * 4
-                    block = Bottleneck(planes, s, j == 0 and (s != 1 or in_ch != out_ch), self.norm,
-                                       self.norm_eps, self.dtype, groups=self.groups,
-                                       width_per_group=self.width_per_group,
-                                       stride_in_1x1=self.stride_in_1x1, name=f'layer{i + 1}_{j}')
+                out_ch = planes if kind == 'basic' else planes * 4
+                block = make_block(kind, planes, s, j == 0 and (s != 1 or in_ch != out_ch), self.norm,
+                                   self.norm_eps, self.dtype, groups=self.groups,
+                                   width_per_group=self.width_per_group, stride_in_1x1=self.stride_in_1x1,
+                                   name=f'layer{i + 1}_{j}')
                 x = block(x, mask, stride)
                 stride *= s
                 in_ch = out_ch
@@ -165,12 +169,7 @@ class Res5(nn.Module):
         x = pooled.reshape((b * r,) + pooled.shape[2:]).astype(self.dtype)
         mask = PaddingMask(None)
         for j in range(blocks[3]):
-            if kind == 'basic':
-                block = BasicBlock(self.width * 8, 2 if j == 0 else 1, j == 0, self.norm, self.norm_eps,
-                                   self.dtype, name=f'block{j}')
-            else:
-                block = Bottleneck(self.width * 8, 2 if j == 0 else 1, j == 0, self.norm, self.norm_eps,
-                                   self.dtype, groups=self.groups, width_per_group=self.width_per_group,
-                                   stride_in_1x1=self.stride_in_1x1, name=f'block{j}')
-            x = block(x, mask, 16)
+            x = make_block(kind, self.width * 8, 2 if j == 0 else 1, j == 0, self.norm, self.norm_eps, self.dtype,
+                           groups=self.groups, width_per_group=self.width_per_group,
+                           stride_in_1x1=self.stride_in_1x1, name=f'block{j}')(x, mask, 16)
         return x.reshape((b, r) + x.shape[1:])
