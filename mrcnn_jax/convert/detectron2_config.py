@@ -395,6 +395,9 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     b.frozen_stages = int(g('MODEL.BACKBONE.FREEZE_AT'))
     sizes = g('MODEL.ANCHOR_GENERATOR.SIZES')
     if heads == 'res5':   # C4: one level, res4; Detectron2 pads C4 inputs to no multiple
+        # 14 x 14 bins from one 1024-channel map: the einsum form of RoIAlign is ~10x faster there
+        # than the gather form (1.7 s against 17.8 s for 1000 RoIs on 2 CPU cores), same values
+        m.roi.roi_align_method = 'einsum'
         b.return_levels = (4,)
         m.fpn.enabled = False
         m.size_divisible = 1
