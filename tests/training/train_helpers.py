@@ -47,10 +47,15 @@ def shared_dirs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """(persistent compilation cache dir, synthetic dataset dir), one pair per pytest session.
 
     Found by name under the session's base temp dir, so every test module (and every
-    subprocess it starts) uses the same ones.
+    subprocess it starts) uses the same ones. Under pytest-xdist (`make test`) each worker has its
+    own base temp dir inside the session's: the cache goes in the session's, one for all workers,
+    so that a worker's run reuses what another compiled (JAX's cache takes concurrent writers, as
+    the suite's in-process cache in .pytest_cache already does); the dataset stays per worker
+    (generating it takes a second, and two writers would race).
     """
     base = tmp_path_factory.getbasetemp() / 'mrcnn_training_shared'
-    cache, data = base / 'jax_cache', base / 'synthetic'
+    session = tmp_path_factory.getbasetemp().parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+    cache, data = session / 'mrcnn_training_jax_cache', base / 'synthetic'
     cache.mkdir(parents=True, exist_ok=True)
     data.mkdir(parents=True, exist_ok=True)
     from mrcnn_jax.data import synthetic
