@@ -22,6 +22,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     m.conventions = conventions_lib.config_group('torchvision')   # or name='detectron2'
     m.num_classes = 91                     # including background (index 0)
     m.mask_on = True                       # False: Faster R-CNN (box only)
+    m.keypoint_on = False                  # True: Keypoint R-CNN's keypoint head (with or without masks)
+    m.num_keypoints = 17                   # K heatmaps (COCO person: 17); data.num_keypoints must agree
     m.dtype = 'float32'                    # compute dtype of convs/FCs: 'float32' or 'bfloat16'
 
     b = m.backbone = ml_collections.ConfigDict()
@@ -80,7 +82,15 @@ def default_model_config() -> ml_collections.ConfigDict:
     h.mask_head_convs = 4
     h.mask_head_channels = 256
     h.mask_resolution = 28
-    h.max_mask_rois = 128                  # positives per image carried to the mask loss
+    h.max_mask_rois = 128                  # positives per image carried to the mask and keypoint losses
+    h.keypoint_head = 'conv_deconv_upsample'   # KEYPOINT_HEADS (when keypoint_on)
+    h.keypoint_pool_size = 14              # RoIAlign output; heatmaps are 4x: 56 x 56
+    h.keypoint_head_convs = 8
+    h.keypoint_head_channels = 512
+    # Heatmap -> keypoint (models/heads/keypoint.py `heatmaps_to_keypoints`): the bicubic upsample
+    # to each box's size is evaluated exactly in this many candidate cells of the 56 x 56 grid per
+    # keypoint, chosen and certified by an upper bound (all cells when the bound cannot certify).
+    h.keypoint_candidate_cells = 16
     # The mask head takes its RoIs this many at a time and skips, at run time, chunks without a
     # positive (training) or valid detection (inference) in any image; 0: one block, always run.
     h.mask_roi_chunk = 32
@@ -118,6 +128,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     d.synthetic_num_val = 50
     d.synthetic_image_size = 256
     d.synthetic_seed = 0                   # the dataset's seed (independent of the training seed)
+    d.synthetic_task = 'shapes'            # 'shapes' (data/synthetic.py) or 'keypoints' (stick
+                                           # figures with 13 joints, data/synthetic_keypoints.py)
     d.strict = False                       # coco_json: a bad image/annotation raises, not skipped
     d.canvas = (1344, 1344)                # training canvas (H, W); or use `buckets`
     d.buckets = ()                         # e.g. ((832, 1344), (1344, 832)), chosen per global batch
@@ -138,6 +150,8 @@ def default_data_config() -> ml_collections.ConfigDict:
                                            # the id itself (torchvision's 91-way COCO head)
     d.keypoints = False
     d.num_keypoints = 17
+    d.keypoint_oks_sigmas = ()             # keypoint AP: one OKS sigma per keypoint; (): from the
+                                           # keypoint names (evaluation/keypoints.py: COCO's)
     d.shuffle_buffer = 1000                # tfds only; other sources shuffle all records per epoch
     d.deterministic = True                 # tf.data keeps element order: same seed, same run
     d.num_parallel_calls = -1              # per map stage; -1: AUTOTUNE

@@ -49,6 +49,7 @@ ANCHOR_STRIDES = ('padded', 'nominal')
 CLASS_LAYOUTS = ('background_first', 'background_last')
 MASK_TARGETS = ('soft', 'hard')
 MASK_PASTES = ('padded_resize', 'pixel_centers')
+KEYPOINT_SCORES = ('logit', 'pool_softmax')
 LOSS_NORMALIZERS = ('sampled', 'nominal')
 REG_LOSSES = ('smooth_l1', 'l1')
 
@@ -110,6 +111,10 @@ class Conventions:
     # onto the integer box ('padded_resize', thresholded with >); Detectron2 samples the mask
     # with grid_sample at the pixel centres of the float box ('pixel_centers', thresholded with >=).
     mask_paste: str
+    # A keypoint's score (`keypoints_scores`): torchvision's is the bicubically resized heatmap's
+    # logit at the keypoint ('logit'); Detectron2's is exp(that - max) over the sum of exp of the
+    # 56 x 56 map ('pool_softmax', models/heads/keypoint.py). The location is the same.
+    keypoint_score: str
 
     # -- classes -------------------------------------------------------------------------------
     class_layout: str
@@ -131,7 +136,7 @@ class Conventions:
     def __post_init__(self):
         for field, allowed in (('resize_rule', RESIZE_RULES), ('anchor_strides', ANCHOR_STRIDES),
                                ('class_layout', CLASS_LAYOUTS), ('mask_targets', MASK_TARGETS),
-                               ('mask_paste', MASK_PASTES),
+                               ('mask_paste', MASK_PASTES), ('keypoint_score', KEYPOINT_SCORES),
                                ('rpn_loss_normalizer', LOSS_NORMALIZERS),
                                ('rpn_loss_type', REG_LOSSES), ('box_loss_type', REG_LOSSES),
                                ('channel_order', ('RGB', 'BGR'))):
@@ -194,7 +199,7 @@ TORCHVISION = Conventions(
     stride_in_1x1=False,
     anchor_rounding=True, anchor_strides='padded',
     roi_align_aligned=False, sampling_ratio=2, level_eps=1e-6, level_eps_in_log=False,
-    rpn_min_size_strict=False, clip_output_boxes=False, mask_paste='padded_resize',
+    rpn_min_size_strict=False, clip_output_boxes=False, mask_paste='padded_resize', keypoint_score='logit',
     class_layout='background_first',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=1.0 / 9.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=1.0 / 9.0,
@@ -208,7 +213,7 @@ DETECTRON2 = Conventions(
     stride_in_1x1=True,
     anchor_rounding=False, anchor_strides='nominal',
     roi_align_aligned=True, sampling_ratio=0, level_eps=1e-8, level_eps_in_log=True,
-    rpn_min_size_strict=True, clip_output_boxes=True, mask_paste='pixel_centers',
+    rpn_min_size_strict=True, clip_output_boxes=True, mask_paste='pixel_centers', keypoint_score='pool_softmax',
     class_layout='background_last',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=0.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=0.0,

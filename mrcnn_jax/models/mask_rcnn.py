@@ -7,7 +7,8 @@ out = model.apply(variables, images, image_info)      # padded detections + 'val
 feats = model.apply(variables, images, image_info, method=MaskRCNN.features)
 ```
 Every stage is a method usable alone with the same variables: `features` (backbone + FPN),
-`rpn` (head outputs), `anchors`, `proposals`, `box_predictions`, `mask_predictions`, `detect`.
+`rpn` (head outputs), `anchors`, `proposals`, `box_predictions`, `mask_predictions`,
+`keypoint_predictions`, `detect`.
 
 Composition only: `MaskRCNN` holds modules (backbone, FPN, RPN head, RoI heads) and frozen
 settings objects (anchors, proposal selection); `build_model` makes them from a config and its
@@ -56,6 +57,11 @@ class MaskRCNN(nn.Module):
     def mask_head(self) -> Optional[nn.Module]:
         """The RoI heads' mask head, or None (Faster R-CNN)."""
         return getattr(self.roi_heads, 'mask_head', None)
+
+    @property
+    def keypoint_head(self) -> Optional[nn.Module]:
+        """The RoI heads' keypoint head, or None."""
+        return getattr(self.roi_heads, 'keypoint_head', None)
 
     def pad_hw(self, image_info: jnp.ndarray) -> Optional[jnp.ndarray]:
         """[B, 2] int32 size torchvision would pad each image to, or None without masking."""
@@ -108,6 +114,10 @@ class MaskRCNN(nn.Module):
         return self.roi_heads.mask_predictions(feats, rois, classes, self.padding(image_info),
                                                active=active, train=train)
 
+    def keypoint_predictions(self, feats, rois: jnp.ndarray, image_info: jnp.ndarray):
+        """rois [B, R, 4] -> keypoint heatmap logits [B, R, K, 56, 56] (Keypoint R-CNN)."""
+        return self.roi_heads.keypoint_predictions(feats, rois, self.padding(image_info))
+
     def detect(self, feats, image_info):
         """Inference from features: padded detections (see __call__)."""
         boxes, _, valid, _ = self.proposals(feats, image_info, train=False)
@@ -116,7 +126,9 @@ class MaskRCNN(nn.Module):
     def __call__(self, images: jnp.ndarray, image_info: jnp.ndarray):
         """Inference. Returns {'boxes' [B, D, 4] canvas pixels, 'scores' [B, D], 'labels' [B, D]
         int32 (model class index), 'valid' [B, D] bool, and with a mask head 'masks' [B, D, 28, 28]
-        float32 probabilities of the predicted class}; D = detections_per_img, sorted by score."""
+        float32 probabilities of the predicted class, and with a keypoint head 'keypoints'
+        [B, D, K, 3] (x, y, 1) canvas pixels and 'keypoints_scores' [B, D, K]}; D =
+        detections_per_img, sorted by score."""
         return self.detect(self.features(images, image_info), image_info)
 
 

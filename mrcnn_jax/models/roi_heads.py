@@ -58,6 +58,13 @@ class StandardRoIHeads(nn.Module):
     # The mask head takes its RoIs this many at a time and skips chunks without an active RoI
     # (see `mask_predictions`); 0: one block, always run.
     mask_roi_chunk: int = 32
+    # Keypoint R-CNN's branch (None: no keypoints): pooled [B, R, S, S, C] -> heatmap logits
+    # [B, R, K, 4S, 4S]; its own pooler; candidate cells of `heatmaps_to_keypoints`; the score
+    # rule (conventions.keypoint_score).
+    keypoint_head: Optional[nn.Module] = None
+    keypoint_pooler: Optional[RoIPooler] = None
+    keypoint_candidate_cells: int = 16
+    keypoint_score: str = 'logit'
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, conventions: Conventions, dtype: Any
@@ -79,7 +86,17 @@ class StandardRoIHeads(nn.Module):
             detection=DetectionSettings(score_thresh=r.score_thresh, nms_thresh=r.nms_thresh,
                                         detections_per_img=r.detections_per_img,
                                         pre_nms_candidates=r.pre_nms_candidates, min_size=r.min_size),
-            mask_roi_chunk=r.mask_roi_chunk)
+            mask_roi_chunk=r.mask_roi_chunk, **cls.keypoint_fields(cfg, conventions, dtype, pooler))
+
+    @staticmethod
+    def keypoint_fields(cfg, conventions: Conventions, dtype: Any, pooler) -> dict:
+        """The keypoint branch's fields ({} without `model.keypoint_on`)."""
+        if not cfg.keypoint_on:
+            return {}
+        return dict(keypoint_head=build_head('keypoint_head', cfg, dtype),
+                    keypoint_pooler=pooler(cfg.roi.keypoint_pool_size),
+                    keypoint_candidate_cells=cfg.roi.keypoint_candidate_cells,
+                    keypoint_score=conventions.keypoint_score)
 
     def box_predictions(self, feats: Sequence[jnp.ndarray], rois: jnp.ndarray, padding: PaddingMask):
         """rois [B, R, 4] -> class_logits [B, R, K], box_deltas [B, R, K, 4] (float32)."""
@@ -132,6 +149,33 @@ class StandardRoIHeads(nn.Module):
             out.append(nn.cond(jnp.any(active[:, sl]), run, lambda mdl, *a, z=zeros: z, self, *operands(sl)))
         return jnp.concatenate(out, axis=1)
 
+    def keypoint_predictions(self, feats, rois: jnp.ndarray, padding: PaddingMask, active=None, train: bool = False):
+        """rois [B, R, 4] -> heatmap logits [B, R, K, 56, 56] (chunks without an active RoI are
+        skipped as in `mask_predictions`; in training RoIAlign runs outside the conditionals)."""
+        valid_hw = self.keypoint_pooler.valid_hw(padding)
+        if not train:
+            return self._chunked(lambda mdl, f, ro: mdl.keypoint_head(mdl.keypoint_pooler(f, ro, valid_hw)),
+                                 lambda sl: (feats, rois[:, sl]), active)
+        pooled = self.keypoint_pooler(feats, rois, valid_hw)
+        return self._chunked(lambda mdl, x: mdl.keypoint_head(x), lambda sl: (pooled[:, sl],), active)
+
+    def keypoints(self, feats, boxes: jnp.ndarray, valid: jnp.ndarray, padding: PaddingMask) -> dict:
+        """Keypoints of detections boxes [B, D, 4] (canvas pixels): {'keypoints' [B, D, K, 3]
+        (x, y, 1) canvas pixels, 'keypoints_scores' [B, D, K]}; rows not `valid` are zero."""
+        from mrcnn_jax.models.heads.keypoint import heatmaps_to_keypoints
+        maps = self.keypoint_predictions(feats, boxes, padding, active=valid)
+        b, d, k = maps.shape[:3]
+        # the canvas, from the finest pooled level: boxes are clipped to it
+        scale = self.keypoint_pooler.scales[0]
+        canvas = (int(round(feats[0].shape[1] / scale)), int(round(feats[0].shape[2] / scale)))
+        xy, logit, pool_softmax = heatmaps_to_keypoints(
+            maps.reshape((b * d,) + maps.shape[2:]), boxes.reshape(b * d, 4), canvas,
+            self.keypoint_candidate_cells)
+        score = logit if self.keypoint_score == 'logit' else pool_softmax
+        kps = jnp.concatenate([xy, jnp.ones_like(xy[..., :1])], axis=-1).reshape(b, d, k, 3)
+        return {'keypoints': jnp.where(valid[..., None, None], kps, 0.0),
+                'keypoints_scores': jnp.where(valid[..., None], score.reshape(b, d, k), 0.0)}
+
     def train_predictions(self, feats, rois: jnp.ndarray, mask_classes: Optional[jnp.ndarray],
                           mask_active: Optional[jnp.ndarray], padding: PaddingMask):
         """The training forward of sampled rois [B, S, 4] (positives first): (class_logits,
@@ -156,11 +200,13 @@ class StandardRoIHeads(nn.Module):
 
     def _with_masks(self, det: dict, feats, padding: PaddingMask) -> dict:
         """det with 'masks' [B, D, M, M] (probabilities of each detection's class) when there is a
-        mask head."""
+        mask head, and 'keypoints' / 'keypoints_scores' (`keypoints`) with a keypoint head."""
         if self.mask_head is not None:
             mask_logits = self.mask_predictions(feats, det['boxes'], det['labels'], padding, active=det['valid'])
             # padding rows are zero, like their boxes, scores and labels
             det['masks'] = jnp.where(det['valid'][..., None, None], jax.nn.sigmoid(mask_logits), 0.0)
+        if self.keypoint_head is not None:
+            det.update(self.keypoints(feats, det['boxes'], det['valid'], padding))
         return det
 
     def __call__(self, feats, proposals, proposal_valid, image_hw, padding):
@@ -187,6 +233,9 @@ class Res5RoIHeads(StandardRoIHeads):
         if cfg.fpn.enabled or tuple(cfg.backbone.return_levels) != (4,):
             raise ValueError("model.roi.heads 'res5' (C4) needs model.fpn.enabled = False and "
                              'model.backbone.return_levels = (4,)')
+        if cfg.keypoint_on:
+            raise ValueError("model.keypoint_on needs model.roi.heads 'standard' or 'cascade' (Detectron2's "
+                             'Res5ROIHeads has no keypoint branch either)')
         std = StandardRoIHeads.from_config(cfg, conventions, dtype)
         b = cfg.backbone
         res5 = Res5(depth=b.depth, width=b.width, groups=b.groups, width_per_group=b.width_per_group,
@@ -258,7 +307,9 @@ class CascadeRoIHeads(StandardRoIHeads):
         std = StandardRoIHeads.from_config(cfg, conventions, dtype)
         return cls(box_head=None, box_predictor=None, mask_head=std.mask_head, box_pooler=std.box_pooler,
                    mask_pooler=std.mask_pooler, box_weights=weights[0], detection=std.detection,
-                   mask_roi_chunk=std.mask_roi_chunk,
+                   mask_roi_chunk=std.mask_roi_chunk, keypoint_head=std.keypoint_head,
+                   keypoint_pooler=std.keypoint_pooler, keypoint_candidate_cells=std.keypoint_candidate_cells,
+                   keypoint_score=std.keypoint_score,
                    box_heads=tuple(build_head('box_head', cfg, dtype) for _ in ious),
                    box_predictors=tuple(FastRCNNPredictor(cfg.num_classes, class_agnostic=True, dtype=dtype)
                                         for _ in ious),

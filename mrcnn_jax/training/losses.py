@@ -13,7 +13,11 @@ thresholds, sample sizes and loss forms it is given (`LossSettings`). Normalizat
     batch_size_per_image x images, `normalizer='nominal'`);
   * box head: cross entropy averaged over sampled RoIs; box: smooth L1 (beta 1/9) of the GT
     class's deltas summed over positives / number of sampled RoIs;
-  * mask: per-pixel BCE of the GT class's logits averaged over positive RoIs x 28 x 28.
+  * mask: per-pixel BCE of the GT class's logits averaged over positive RoIs x 28 x 28;
+  * keypoints: cross entropy over the 56 x 56 heatmap cells of each keypoint that is labelled
+    and inside its positive RoI, averaged over those keypoints of the batch (torchvision's
+    `keypointrcnn_loss`; Detectron2's `keypoint_rcnn_loss` with its default normalizer, the
+    visible keypoints, is the same number).
 Detectron2's forms (L1, i.e. smooth L1 with beta 0, hard mask targets) come from its conventions.
 """
 
@@ -136,13 +140,23 @@ def mask_head_loss(mask_logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.
     return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def keypoint_head_loss(heatmaps: jnp.ndarray, index: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
+    """heatmaps [B, R, K, H, W] logits; index [B, R, K] target cell; valid [B, R, K] (labelled,
+    in the box, positive RoI). Mean cross entropy over the valid keypoints; 0 if none."""
+    logits = heatmaps.reshape(heatmaps.shape[:3] + (-1,))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, index)
+    w = valid.astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, with_targets: bool = False):
     """Runs inside model.apply (m is the bound MaskRCNN). Returns (losses dict, aux dict).
 
     with_targets: aux also holds 'targets' (for tests and debugging): 'anchors' AnchorTargets and
     'rois' RoiTargets (batched [B, S]), 'proposals' [B, P, 4], 'proposal_scores' / 'proposal_ok'
     [B, P], and with a mask head 'mask_targets' [B, R, 28, 28] / 'mask_weights' [B, R] of the
-    first R = min(max_mask_rois, S) sampled RoIs (positives first).
+    first R = min(max_mask_rois, S) sampled RoIs (positives first), with a keypoint head
+    'keypoint_index' / 'keypoint_valid' [B, R, K] of the same RoIs.
     """
     images, info = batch['images'], batch['image_info']
     b = images.shape[0]
@@ -174,12 +188,13 @@ def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, wi
         box_weights=m.roi_heads.box_weights))(
             keys_roi, proposals, proposal_ok, gt_boxes, batch['gt_classes'].astype(jnp.int32), gt_ok)
     mt = mweights = mask_logits = None
+    # Positives occupy the first slots of the sample; the mask and keypoint heads see up to
+    # max_mask_rois of them.
+    k = min(settings.max_mask_rois, rt.rois.shape[1])
+    mlabels = rt.labels[:, :k]
+    mweights = ((mlabels > 0) * rt.weights[:, :k]).astype(jnp.float32)
+    mgt = rt.matched_gt[:, :k]
     if m.mask_head is not None:
-        # Positives occupy the first slots of the sample; the mask head sees up to max_mask_rois.
-        k = min(settings.max_mask_rois, rt.rois.shape[1])
-        mlabels = rt.labels[:, :k]
-        mweights = ((mlabels > 0) * rt.weights[:, :k]).astype(jnp.float32)
-        mgt = rt.matched_gt[:, :k]
         gt_b = jnp.take_along_axis(gt_boxes, mgt[..., None], axis=1)
         gt_m = jnp.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
         mt = jax.vmap(lambda ro, gb, gm: tgt.mask_targets(
@@ -202,11 +217,22 @@ def _forward_train(m, batch: dict, key: jax.Array, settings: LossSettings, *, wi
             class_logits, box_deltas, rt, loss_type=settings.box_loss.kind, beta=settings.box_loss.beta)
     if m.mask_head is not None:
         losses['loss_mask'] = mask_head_loss(mask_logits, mt, mweights)
+    if m.keypoint_head is not None:
+        if 'gt_keypoints' not in batch:
+            raise ValueError("model.keypoint_on needs batches with 'gt_keypoints' (data.keypoints = True)")
+        gt_k = jnp.take_along_axis(batch['gt_keypoints'].astype(jnp.float32), mgt[:, :, None, None], axis=1)
+        heatmaps = m.roi_heads.keypoint_predictions(feats, rt.rois[:, :k], m.padding(info), active=mweights > 0,
+                                                    train=True)
+        kidx, kvalid = jax.vmap(lambda ro, g: tgt.keypoint_targets(ro, g, heatmaps.shape[-1]))(rt.rois[:, :k], gt_k)
+        kvalid = kvalid & (mweights[..., None] > 0)
+        losses['loss_keypoint'] = keypoint_head_loss(heatmaps, kidx, kvalid)
     if with_targets:
         aux['targets'] = {'anchors': at, 'rois': rt, 'proposals': proposals,
                           'proposal_scores': proposal_scores, 'proposal_ok': proposal_ok}
         if m.mask_head is not None:
             aux['targets'].update(mask_targets=mt, mask_weights=mweights)
+        if m.keypoint_head is not None:
+            aux['targets'].update(keypoint_index=kidx, keypoint_valid=kvalid)
     return losses, aux
 
 

@@ -200,3 +200,26 @@ def mask_targets(rois: jnp.ndarray, gt_boxes: jnp.ndarray, gt_masks: jnp.ndarray
     if not soft:
         out = (out >= 0.5).astype(jnp.float32)
     return jax.lax.stop_gradient(out)
+
+
+def keypoint_targets(rois: jnp.ndarray, keypoints: jnp.ndarray, heatmap_size: int = 56
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Heatmap targets: torchvision's `keypoints_to_heatmap`, which is Detectron2's
+    `Keypoints.to_heatmap` (the same function).
+
+    rois [R, 4] xyxy; keypoints [R, K, 3] (x, y, v) of each RoI's matched GT, same frame.
+    Returns (index [R, K] int32 of the target cell y * size + x, valid [R, K] bool). A keypoint
+    is valid where it is labelled (v > 0) and falls in the RoI: its cell is floor((x - x1) *
+    size / (x2 - x1)) (y likewise), x == x2 counts as the last cell, anything outside
+    [0, size) is invalid. float32 arithmetic as the references'. No gradient flows.
+    """
+    x1, y1, x2, y2 = (rois[:, i:i + 1] for i in range(4))
+    x, y, v = keypoints[..., 0], keypoints[..., 1], keypoints[..., 2]
+    # a degenerate RoI divides by zero as the references do; its cells are then invalid
+    fx = jnp.floor((x - x1) * (heatmap_size / (x2 - x1)))
+    fy = jnp.floor((y - y1) * (heatmap_size / (y2 - y1)))
+    fx = jnp.where(x == x2, heatmap_size - 1, fx)
+    fy = jnp.where(y == y2, heatmap_size - 1, fy)
+    ok = (fx >= 0) & (fy >= 0) & (fx < heatmap_size) & (fy < heatmap_size) & (v > 0)
+    index = jnp.where(ok, fy * heatmap_size + fx, 0).astype(jnp.int32)
+    return jax.lax.stop_gradient(index), jax.lax.stop_gradient(ok)
