@@ -8,6 +8,8 @@ p = Predictor.from_checkpoint('converted/')                         # what `mrcn
 out = p(image)            # HxWx3 uint8 RGB; a list of images gives a list of outputs
 out['boxes']  (N, 4) float32 xyxy in original pixels;  out['scores'] (N,);  out['labels'] (N,) int
 out['masks']  (N, H, W) float32 in [0, 1]  (mask models; bool with mask_threshold=0.5)
+out['keypoints'] (N, K, 3) float32 (x, y, visibility 1) in original pixels, out['keypoints_scores']
+              (N, K)  (keypoint models; the score rule is `conventions.keypoint_score`)
 ```
 Each image is resized by the model conventions' rule (`model.conventions`, to data.test_min_size /
 test_max_size), placed on the smallest canvas bucket that holds it and run through one compiled
@@ -328,6 +330,14 @@ class Predictor:
             results.append(res)
         return results
 
+    @staticmethod
+    def output_ratios(info: np.ndarray) -> tuple[np.float32, np.float32]:
+        """(x, y) scale from the resized image to the original: float32(original) /
+        float32(resized) per axis, as torchvision's resize_boxes / resize_keypoints (and the same
+        float32 as Detectron2's scale by output / input size)."""
+        h0, w0, rh, rw = (int(v) for v in info[:4])
+        return np.float32(w0) / np.float32(rw), np.float32(h0) / np.float32(rh)
+
     def output_boxes(self, boxes: np.ndarray, info: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes [N, 4] on the resized image -> (boxes in original pixels, keep [N] bool).
 
@@ -335,9 +345,8 @@ class Predictor:
         same float32 as Detectron2's Boxes.scale by output / input size). With
         `conventions.clip_output_boxes` (Detectron2's detector_postprocess) the boxes are then
         clipped to the original image and those left empty (a side <= 0) are dropped."""
-        h0, w0, rh, rw = (int(v) for v in info[:4])
-        ratio_h = np.float32(h0) / np.float32(rh)
-        ratio_w = np.float32(w0) / np.float32(rw)
+        h0, w0 = int(info[0]), int(info[1])
+        ratio_w, ratio_h = self.output_ratios(info)
         boxes = (boxes * np.asarray([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)).astype(np.float32)
         keep = np.ones(len(boxes), bool)
         if self.conventions.clip_output_boxes:
@@ -362,6 +371,13 @@ class Predictor:
             'scores': raw['scores'][rows].astype(np.float32),
             'labels': self.label_ids[raw['labels'][rows]],
         }
+        if 'keypoints' in raw:
+            # torchvision's resize_keypoints / Detectron2's detector_postprocess: x, y scaled by
+            # the box ratios; the visibility column (1) is kept
+            kps = raw['keypoints'][rows].astype(np.float32)
+            kps[..., :2] *= np.asarray(self.output_ratios(info), np.float32)
+            out['keypoints'] = kps
+            out['keypoints_scores'] = raw['keypoints_scores'][rows].astype(np.float32)
         if 'masks' in raw:
             probs = raw['masks'][rows].astype(np.float32)
             out['mask_probs'] = probs

@@ -1,4 +1,4 @@
-"""torchvision Mask R-CNN / Faster R-CNN state_dicts -> Flax variables of `MaskRCNN`.
+"""torchvision Mask R-CNN / Faster R-CNN / Keypoint R-CNN state_dicts -> Flax variables of `MaskRCNN`.
 
 ```python
 cfg_model = model_config_from_state_dict(sd)     # architecture read off the weights
@@ -111,6 +111,7 @@ def model_config_from_state_dict(sd: Mapping[str, np.ndarray]) -> ml_collections
     cfg.fpn.channels = int(_need(sd, 'backbone.fpn.inner_blocks.0.0.weight').shape[0])
     cfg.roi.fc_dim = int(_need(sd, 'roi_heads.box_head.fc6.weight').shape[0])
     cfg.mask_on = 'roi_heads.mask_predictor.mask_fcn_logits.weight' in sd
+    cfg.keypoint_on = 'roi_heads.keypoint_predictor.kps_score_lowres.weight' in sd
     num_anchors = int(_need(sd, 'rpn.head.cls_logits.weight').shape[0])
     if num_anchors != len(cfg.anchors.aspect_ratios):
         raise StateDictError(f'rpn.head.cls_logits has {num_anchors} anchors per location; '
@@ -119,6 +120,11 @@ def model_config_from_state_dict(sd: Mapping[str, np.ndarray]) -> ml_collections
         n = len({k.split('.')[2] for k in sd if k.startswith('roi_heads.mask_head.')})
         cfg.roi.mask_head_convs = n
         cfg.roi.mask_head_channels = int(_need(sd, 'roi_heads.mask_head.0.0.weight').shape[0])
+    if cfg.keypoint_on:   # keypointrcnn_resnet50_fpn: KeypointRCNNHeads is Sequential(conv, ReLU, ...)
+        cfg.num_keypoints = int(sd['roi_heads.keypoint_predictor.kps_score_lowres.weight'].shape[1])
+        convs = sorted({int(k.split('.')[2]) for k in sd if k.startswith('roi_heads.keypoint_head.')})
+        cfg.roi.keypoint_head_convs = len(convs)
+        cfg.roi.keypoint_head_channels = int(_need(sd, 'roi_heads.keypoint_head.0.weight').shape[0])
     return cfg
 
 
@@ -173,12 +179,19 @@ def _expected_torch_keys(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str,
         m['roi_heads.mask_predictor.conv5_mask.bias'] = mask + ('conv5_mask_bias',)
         m['roi_heads.mask_predictor.mask_fcn_logits.weight'] = mask + ('mask_fcn_logits_kernel',)
         m['roi_heads.mask_predictor.mask_fcn_logits.bias'] = mask + ('mask_fcn_logits_bias',)
+    if cfg.keypoint_on:
+        kp = ('params', 'roi_heads', 'keypoint_head')
+        for i in range(cfg.roi.keypoint_head_convs):   # Sequential indices 0, 2, 4, ... (ReLUs between)
+            m[f'roi_heads.keypoint_head.{2 * i}.weight'] = kp + (f'conv_fcn{i + 1}', 'kernel')
+            m[f'roi_heads.keypoint_head.{2 * i}.bias'] = kp + (f'conv_fcn{i + 1}', 'bias')
+        m['roi_heads.keypoint_predictor.kps_score_lowres.weight'] = kp + ('score_lowres_kernel',)
+        m['roi_heads.keypoint_predictor.kps_score_lowres.bias'] = kp + ('score_lowres_bias',)
     return m
 
 
 def _to_flax(key: str, v: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
     v = np.asarray(v, np.float32)
-    if key.endswith('conv5_mask.weight'):
+    if key.endswith('conv5_mask.weight') or key.endswith('score_lowres.weight'):   # ConvTranspose2d
         return np.transpose(v, (2, 3, 0, 1))
     if key.endswith('mask_fcn_logits.weight'):
         return v[:, :, 0, 0].T

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torchvision
-from torchvision.models.detection import MaskRCNN, FasterRCNN
+from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.ops import misc as misc_nn_ops
@@ -99,33 +99,55 @@ def _calibrate_classifier(model: torch.nn.Module, gen: torch.Generator, logit_st
 
 
 def torchvision_architecture(depth: int = 50, mask: bool = True, num_classes: int = 91,
-                             **kwargs) -> torch.nn.Module:
+                             keypoints: int = 0, **kwargs) -> torch.nn.Module:
     """torchvision's {mask,faster}rcnn_resnet{depth}_fpn as the v1 COCO weights load it
     (FrozenBatchNorm2d with eps 0, 3 trainable backbone layers), with torchvision's own random
     initialisation from the global torch seed; `kwargs` go to MaskRCNN / FasterRCNN (min_size,
-    max_size, ...). For loading a saved state_dict, and the start of `build_torchvision_maskrcnn`."""
+    max_size, ...). keypoints = K > 0: keypointrcnn_resnet{depth}_fpn with K keypoints (no mask).
+    For loading a saved state_dict, and the start of `build_torchvision_maskrcnn`."""
     resnet = {50: torchvision.models.resnet50, 18: torchvision.models.resnet18,
               101: torchvision.models.resnet101}[depth]
     body = resnet(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(body, 3)
-    cls = MaskRCNN if mask else FasterRCNN
-    model = cls(backbone, num_classes=num_classes, **kwargs)
+    if keypoints:
+        model = KeypointRCNN(backbone, num_classes=num_classes, num_keypoints=keypoints, **kwargs)
+    else:
+        model = (MaskRCNN if mask else FasterRCNN)(backbone, num_classes=num_classes, **kwargs)
     overwrite_eps(model, 0.0)
     return model
+
+
+def _calibrate_keypoint_logits(model: torch.nn.Module, images: list[torch.Tensor], logit_std: float) -> None:
+    """Heatmap logits of a trained head's spread (std `logit_std` over the 56 x 56 cells):
+    torchvision's random init gives logits of std ~0.05 whose softmax is nearly uniform and whose
+    maxima differ from the runner-up by float32 noise. Scaled, each map keeps its random but
+    smooth relief, and the argmax of the bicubic upsample is well separated."""
+    layer = model.roi_heads.keypoint_predictor.kps_score_lowres
+    maps = []
+    hook = layer.register_forward_hook(lambda m, args, out: maps.append(out))
+    for im in images:
+        model([im])
+    hook.remove()
+    x = torch.cat(maps)
+    layer.weight.mul_(logit_std / (x - layer.bias[None, :, None, None]).std())
+    layer.bias.zero_()
 
 
 @torch.no_grad()
 def build_torchvision_maskrcnn(seed: int = 0, depth: int = 50, mask: bool = True, num_classes: int = 91,
                                cls_logit_std: float = 3.0, rpn_logit_std: float = 0.5,
-                               rpn_delta_std: float = 0.1, calibration_images=(), **kwargs) -> torch.nn.Module:
+                               rpn_delta_std: float = 0.1, calibration_images=(), keypoints: int = 0,
+                               keypoint_logit_std: float = 3.0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = torchvision_architecture(depth, mask, num_classes, **kwargs)
+    model = torchvision_architecture(depth, mask, num_classes, keypoints=keypoints, **kwargs)
     _calibrate_frozen_bn(model, gen)
     cal = [image_to_tensor(im) for im in calibration_images] or [_calibration_image(gen)]
     _calibrate_rpn(model, cal, rpn_logit_std, rpn_delta_std)
     _calibrate_classifier(model, gen, cls_logit_std, cal)
     model.eval()
+    if keypoints:
+        _calibrate_keypoint_logits(model, cal, keypoint_logit_std)
     return model
 
 

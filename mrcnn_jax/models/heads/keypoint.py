@@ -71,6 +71,7 @@ def upsample2x_bilinear(x: jnp.ndarray, axis: int) -> jnp.ndarray:
 
 # -- heatmaps -> keypoints -------------------------------------------------------------------------
 _A = -0.75      # torch's bicubic convolution constant
+_LOWEST = float(np.finfo(np.float32).min)   # "no pixel" (finite: no reliance on inf arithmetic)
 
 
 def _cubic_weights(t, xp=jnp):
@@ -98,12 +99,13 @@ def _bernstein() -> np.ndarray:
 _BERNSTEIN = _bernstein()
 
 
-def _source_cells(out_size: jnp.ndarray, in_size: int, n: int):
-    """torch's bicubic source positions of output pixels 0..n-1 for an out_size-pixel output
-    (align_corners=False, no scale factor): cell index i = min(floor(src), in - 1) in [-1, in - 1]
-    and fraction t = clamp(src - i, 0, 1), src = (in / out) (d + 1/2) - 1/2, in float32."""
+def _source_cells(out_size: jnp.ndarray, in_size: int, n: int | None, d: jnp.ndarray | None = None):
+    """torch's bicubic source positions of output pixels d (default 0..n-1) for an out_size-pixel
+    output (align_corners=False, no scale factor): cell index i = min(floor(src), in - 1) in
+    [-1, in - 1] and fraction t = clamp(src - i, 0, 1), src = (in / out) (d + 1/2) - 1/2, float32."""
     scale = jnp.float32(in_size) / out_size.astype(jnp.float32)
-    src = scale * (jnp.arange(n, dtype=jnp.float32) + 0.5) - 0.5
+    d = jnp.arange(n) if d is None else d
+    src = scale * (d.astype(jnp.float32) + 0.5) - 0.5
     i = jnp.minimum(jnp.floor(src), in_size - 1)
     t = jnp.clip(src - i, 0.0, 1.0)
     return i.astype(jnp.int32), t
@@ -143,8 +145,8 @@ def heatmaps_to_keypoints(maps: jnp.ndarray, rois: jnp.ndarray, canvas_hw: tuple
     heights = jnp.maximum(rois[:, 3] - rois[:, 1], 1.0)
     wo = jnp.ceil(widths).astype(jnp.int32)
     ho = jnp.ceil(heights).astype(jnp.int32)
-    span_y = int(np.ceil(canvas_hw[0] / hm)) + 3       # pixels a cell can hold, + slack
-    span_x = int(np.ceil(canvas_hw[1] / hm)) + 3
+    span_y = int(np.ceil(canvas_hw[0] / hm)) + 1       # pixels a cell can hold: ceil(out / hm) + 1
+    span_x = int(np.ceil(canvas_hw[1] / hm)) + 1
     cells = hm + 1                                      # cell index -1 .. hm - 1
 
     # every cell's bound: the largest of its 16 Bernstein coefficients B M_cell B^T, from 4
@@ -161,36 +163,42 @@ def heatmaps_to_keypoints(maps: jnp.ndarray, rois: jnp.ndarray, canvas_hw: tuple
     slack = 1e-5 * (1.0 + jnp.max(jnp.abs(maps), axis=(2, 3)))
     bound = bound + slack[:, :, None, None]                        # [N, K, cy, cx]
 
-    def occupied(out_size, side):
-        """[cells] bool: the cells that hold an output pixel (out_size <= side pixels)."""
-        cell, _ = _source_cells(out_size, hm, side)
-        return jnp.zeros((cells,), bool).at[cell + 1].max(jnp.arange(side) < out_size)
-    occ_y = jax.vmap(occupied, (0, None))(ho, max(canvas_hw[0], hm))  # [N, cells]
-    occ_x = jax.vmap(occupied, (0, None))(wo, max(canvas_hw[1], hm))
+    # Every output pixel's cell and fraction, per RoI and axis, computed once: the windows below
+    # read them, so that a pixel's cell is one value everywhere (recomputing it, XLA may fuse
+    # `scale * d - 0.5` into an FMA in one place and not in another, and a pixel whose source
+    # lies within an ulp of a cell border would fall between two cells).
+    side_y, side_x = max(canvas_hw[0], hm), max(canvas_hw[1], hm)
+    cell_y, t_y = jax.vmap(lambda o: _source_cells(o, hm, side_y))(ho)     # [N, side_y]
+    cell_x, t_x = jax.vmap(lambda o: _source_cells(o, hm, side_x))(wo)
+
+    def first_pixels(cell, out_size, side):
+        """[cells] int32: each cell's first output pixel, `side` for a cell that holds none."""
+        d = jnp.arange(side)
+        return jnp.full((cells,), side, jnp.int32).at[cell + 1].min(jnp.where(d < out_size, d, side))
+    first_y = jax.vmap(first_pixels, (0, 0, None))(cell_y, ho, side_y)      # [N, cells]
+    first_x = jax.vmap(first_pixels, (0, 0, None))(cell_x, wo, side_x)
+    occ_y, occ_x = first_y < side_y, first_x < side_x
     bound = jnp.where(occ_y[:, None, :, None] & occ_x[:, None, None, :], bound, -jnp.inf)
 
-    def evaluate(m, cy, cx, out_h, out_w):
+    def evaluate(m, cy, cx, out_h, out_w, ay, ax):
         """Best (value, linear index) over the output pixels of cells (cy, cx) [C] (indices
-        -1 .. hm - 1) of one map m [hm, hm]."""
-        def window(cell, out_size, span):
-            # first output pixel whose cell can be `cell`: one before the analytic start
-            scale = jnp.float32(hm) / out_size.astype(jnp.float32)
-            start = jnp.maximum(jnp.ceil((cell.astype(jnp.float32) + 0.5) / scale - 0.5).astype(jnp.int32) - 1, 0)
-            d = start + jnp.arange(span)
-            src = scale * (d.astype(jnp.float32) + 0.5) - 0.5
-            i = jnp.minimum(jnp.floor(src), hm - 1).astype(jnp.int32)
-            t = jnp.clip(src - i, 0.0, 1.0)
-            return d, (i == cell) & (d < out_size), _cubic_weights(t)
-        dy, oky, wy = jax.vmap(lambda c: window(c, out_h, span_y))(cy)          # [C, Ty], [C, Ty, 4]
-        dx, okx, wx = jax.vmap(lambda c: window(c, out_w, span_x))(cx)
+        -1 .. hm - 1) of one map m [hm, hm]; ay, ax: the RoI's (first pixel [cells], pixel cell
+        [side], pixel fraction [side]) per axis."""
+        def window(cell, out_size, span, axis):
+            first, pix_cell, pix_t = axis
+            d = first[cell + 1] + jnp.arange(span)
+            dc = jnp.minimum(d, pix_cell.shape[0] - 1)
+            return d, (pix_cell[dc] == cell) & (d < out_size), _cubic_weights(pix_t[dc])
+        dy, oky, wy = jax.vmap(lambda c: window(c, out_h, span_y, ay))(cy)      # [C, Ty], [C, Ty, 4]
+        dx, okx, wx = jax.vmap(lambda c: window(c, out_w, span_x, ax))(cx)
         rows = jnp.clip(cy[:, None] + np.arange(-1, 3)[None, :], 0, hm - 1)
         cols = jnp.clip(cx[:, None] + np.arange(-1, 3)[None, :], 0, hm - 1)
-        block = m[rows[:, :, None], cols[:, None, :]]                           # [C, 4, 4]
+        block = jnp.take_along_axis(jnp.take(m, rows, axis=0), cols[:, None, :], axis=2)   # [C, 4, 4]
         # x first (each of the 4 rows), then y, each a left-to-right sum of 4 terms, as torch
         rx = sum(block[:, :, None, j] * wx[:, None, :, j] for j in range(4))    # [C, 4, Tx]
         v = sum(wy[:, :, None, i] * rx[:, None, i, :] for i in range(4))        # [C, Ty, Tx]
         ok = oky[:, :, None] & okx[:, None, :]
-        v = jnp.where(ok, v, -jnp.inf)
+        v = jnp.where(ok, v, _LOWEST)
         lin = dy[:, :, None] * out_w + dx[:, None, :]
         best = jnp.max(v)
         first = jnp.min(jnp.where(v == best, lin, jnp.iinfo(jnp.int32).max))
@@ -200,10 +208,10 @@ def heatmaps_to_keypoints(maps: jnp.ndarray, rois: jnp.ndarray, canvas_hw: tuple
     flat = bound.reshape(n, k, cells * cells)
     top, cand = jax.lax.top_k(flat, c)
     cy, cx = cand // cells - 1, cand % cells - 1
-    hh = jnp.broadcast_to(ho[:, None], (n, k))
     ww = jnp.broadcast_to(wo[:, None], (n, k))
-    ev = jax.vmap(jax.vmap(evaluate))
-    best, first = ev(maps, cy, cx, hh, ww)
+    ay, ax = (first_y, cell_y, t_y), (first_x, cell_x, t_x)
+    ev = jax.vmap(jax.vmap(evaluate, (0, 0, 0, None, None, None, None)))   # over RoIs, then keypoints
+    best, first = ev(maps, cy, cx, ho, wo, ay, ax)
     # the best bound outside the candidates: every cell's bound with the candidates' masked
     chosen = jnp.any(jnp.arange(cells * cells) == cand[..., None], axis=-2)
     rest = jnp.max(jnp.where(chosen, -jnp.inf, flat), axis=-1)
@@ -216,11 +224,13 @@ def heatmaps_to_keypoints(maps: jnp.ndarray, rois: jnp.ndarray, canvas_hw: tuple
         best, first = args
 
         def one(a):
-            m, h, w, ok, b, f = a
-            return jax.lax.cond(ok, lambda: (b, f), lambda: evaluate(m, all_y, all_x, h, w))
-        flat_args = (maps.reshape(n * k, hm, hm), hh.reshape(-1), ww.reshape(-1), certified.reshape(-1),
-                     best.reshape(-1), first.reshape(-1))
-        b, f = jax.lax.map(one, flat_args)
+            i, kk = a // k, a % k
+            ok = certified[i, kk]
+            sel = (lambda x: x[i])
+            return jax.lax.cond(ok, lambda: (best[i, kk], first[i, kk]), lambda: evaluate(
+                maps[i, kk], all_y, all_x, ho[i], wo[i], jax.tree_util.tree_map(sel, ay),
+                jax.tree_util.tree_map(sel, ax)))
+        b, f = jax.lax.map(one, jnp.arange(n * k))
         return b.reshape(n, k), f.reshape(n, k)
     best, first = jax.lax.cond(jnp.all(certified), lambda a: a, redo, (best, first))
 
