@@ -15,6 +15,11 @@ torchvision's own normalized input tensor; then torchvision's randomness is repl
     compares the two); here we test the loss *function*.
 Our GT additionally holds a crowd box, a zero-width box and padding rows, which torchvision never
 sees: they must not change any loss.
+The model also carries Keypoint R-CNN's branch (torchvision's keypoint RoI pool, head and
+predictor on the same RoIHeads, which runs both branches): every GT instance has 17 keypoints,
+some unlabelled (v = 0), some outside the box and some exactly on its right or bottom edge
+(`keypoints_to_heatmap`'s boundary rule), and `loss_keypoint` is compared like the others,
+targets included (torchvision computes its own heatmap targets from the same positive RoIs).
 Asserted: every loss term within 1e-4 relative, and gradients of parameters across the network
 (backbone layer4, FPN, RPN head, box head, predictor, mask head) within 1e-3 relative to the
 largest entry, in the converted (Flax) layout. The comparison is checked to be non-degenerate.
@@ -62,7 +67,28 @@ GRAD_KEYS = (
     'roi_heads.mask_head.0.0.weight',
     'roi_heads.mask_predictor.conv5_mask.weight',
     'roi_heads.mask_predictor.mask_fcn_logits.weight',
+    # The keypoint head's convs are not compared here: their pre-activations reach |z| ~ 200 on
+    # this network and ~10 of them lie within 1e-4 of zero (measured with hooks), within the
+    # float32 rounding of ours vs torchvision's sums, so their ReLUs may flip and move those
+    # convs' gradients by ~2e-3 of the largest entry. The head's backward is compared exactly on
+    # shared inputs in tests/models/test_keypoint_head.py; its last layer is compared here.
+    'roi_heads.keypoint_predictor.kps_score_lowres.weight',
 )
+NUM_KEYPOINTS = 17
+
+
+def _keypoints(boxes, seed):
+    """[n, 17, 3] GT keypoints (x, y, v) for boxes [n, 4]: mostly inside the box, 15% outside it,
+    20% unlabelled (v = 0), one per instance exactly on the box's right and one on its bottom edge."""
+    rng = np.random.default_rng(seed)
+    n = len(boxes)
+    u = rng.uniform(-0.15, 1.15, (n, NUM_KEYPOINTS, 2))
+    wh = (boxes[:, 2:] - boxes[:, :2])[:, None, :]
+    xy = boxes[:, None, :2] + u * wh
+    xy[:, 0, 0] = boxes[:, 2]
+    xy[:, 1, 1] = boxes[:, 3]
+    v = rng.choice([0, 1, 2], size=(n, NUM_KEYPOINTS), p=[0.2, 0.3, 0.5]).astype(np.float32)
+    return np.concatenate([xy, v[..., None]], axis=-1).astype(np.float32)
 
 
 def _load_photo(shared_data, name):
@@ -151,7 +177,29 @@ def setup(shared_data):
     tv = build_torchvision_maskrcnn(seed=0, depth=18, num_classes=None, min_size=MIN_SIZE, max_size=MAX_SIZE,
                                     calibration_images=[photos[0][0]], **heads)
     _calibrate_mask_logits(tv, photos[0], std=2.0)
+    _add_keypoint_branch(tv, photos[0], std=2.0)
     return photos, tv
+
+
+@torch.no_grad()
+def _add_keypoint_branch(model, photo, std):
+    """torchvision's keypoint RoI pool, head (narrowed: 2 x 64) and predictor on the model's
+    RoIHeads, with heatmap logits of a trained head's spread."""
+    from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+    torch.manual_seed(1)
+    rh = model.roi_heads
+    rh.keypoint_roi_pool = MultiScaleRoIAlign(['0', '1', '2', '3'], 14, 2)
+    rh.keypoint_head = KeypointRCNNHeads(256, [64, 64])
+    rh.keypoint_predictor = KeypointRCNNPredictor(64, NUM_KEYPOINTS)
+    image, boxes, _, _ = photo
+    model.eval()
+    il, t = model.transform([image_to_tensor(image)], [{'boxes': torch.from_numpy(boxes)}])
+    feats = model.backbone(il.tensors)
+    x = rh.keypoint_predictor(rh.keypoint_head(rh.keypoint_roi_pool(feats, [t[0]['boxes']], il.image_sizes)))
+    layer = rh.keypoint_predictor.kps_score_lowres
+    layer.weight.mul_(std / x.std())
+    layer.bias.zero_()
 
 
 @torch.no_grad()
@@ -179,6 +227,7 @@ def _our_batch(photos, image_list, tv_targets):
     gt_crowd = np.zeros((bsz, MAX_INSTANCES), bool)
     gt_valid = np.zeros((bsz, MAX_INSTANCES), bool)
     gt_masks = np.zeros((bsz, MAX_INSTANCES, MASK_SIZE, MASK_SIZE), np.uint8)
+    gt_keypoints = np.zeros((bsz, MAX_INSTANCES, NUM_KEYPOINTS, 3), np.float32)
     info = np.zeros((bsz, 6), np.float32)
     for i, ((image, boxes, classes, masks), t) in enumerate(zip(photos, tv_targets)):
         n = len(boxes)
@@ -186,6 +235,8 @@ def _our_batch(photos, image_list, tv_targets):
         gt_classes[i, :n] = classes
         gt_valid[i, :n] = True
         gt_masks[i, :n] = _crop_masks(masks, boxes, MASK_SIZE)
+        gt_keypoints[i, :n] = t['keypoints'].numpy()
+        gt_keypoints[i, n:n + 2] = (150, 100, 2)     # labelled keypoints on the crowd / zero-width rows
         gt_boxes[i, n] = (40, 30, 300, 250)          # crowd: torchvision's references drop it
         gt_classes[i, n], gt_crowd[i, n], gt_valid[i, n] = 1, True, True
         gt_boxes[i, n + 1] = (100, 60, 100, 200)     # zero width: filtered before matching
@@ -195,7 +246,7 @@ def _our_batch(photos, image_list, tv_targets):
         rh, rw = image_list.image_sizes[i]
         info[i] = (h, w, rh, rw, rh / h, rw / w)
     return {'images': canvas, 'image_info': info, 'gt_boxes': gt_boxes, 'gt_classes': gt_classes,
-            'gt_is_crowd': gt_crowd, 'gt_valid': gt_valid, 'gt_masks': gt_masks}
+            'gt_is_crowd': gt_crowd, 'gt_valid': gt_valid, 'gt_masks': gt_masks, 'gt_keypoints': gt_keypoints}
 
 
 def _our_losses(tv, batch):
@@ -219,8 +270,8 @@ def test_loss_parity_with_torchvision(setup, monkeypatch):
     photos, tv = setup
     tv.train()    # FrozenBN stays frozen; the transform picks min_size from (MIN_SIZE,)
     images = [image_to_tensor(p[0]) for p in photos]
-    targets = [{'boxes': torch.from_numpy(b), 'labels': torch.from_numpy(c), 'masks': torch.from_numpy(m)}
-               for _, b, c, m in photos]
+    targets = [{'boxes': torch.from_numpy(b), 'labels': torch.from_numpy(c), 'masks': torch.from_numpy(m),
+                'keypoints': torch.from_numpy(_keypoints(b, seed=i))} for i, (_, b, c, m) in enumerate(photos)]
     with torch.no_grad():
         image_list, tv_targets = tv.transform(images, [dict(t) for t in targets])
     bsz, _, ch, cw = image_list.tensors.shape
@@ -314,7 +365,9 @@ def test_loss_parity_with_torchvision(setup, monkeypatch):
     hooks += [tv.roi_heads.box_predictor.register_forward_hook(
                   lambda m, a, out: seen.__setitem__('cls', out[0].detach())),
               tv.roi_heads.mask_predictor.register_forward_hook(
-                  lambda m, a, out: seen.__setitem__('mask', out.detach()))]
+                  lambda m, a, out: seen.__setitem__('mask', out.detach())),
+              tv.roi_heads.keypoint_predictor.register_forward_hook(
+                  lambda m, a, out: seen.__setitem__('keypoint', out.detach()))]
     tv.zero_grad()
     try:
         theirs_t = tv(images, [dict(t) for t in targets])
@@ -337,6 +390,11 @@ def test_loss_parity_with_torchvision(setup, monkeypatch):
     assert 0.2 < prob < 0.9, f'classifier saturated or uniform: mean top score {prob:.2f}'
     mask_std = float(seen['mask'].std())
     assert 0.5 < mask_std < 5, f'mask logits degenerate: std {mask_std:.2f}'
+    kp_std = float(seen['keypoint'].std())
+    assert 0.5 < kp_std < 5, f'heatmap logits degenerate: std {kp_std:.2f}'
+    kv = tg['keypoint_valid']
+    assert kv.sum() >= 200 and (~kv & (tg['mask_weights'][..., None] > 0)).sum() >= 50, \
+        'keypoint targets degenerate: too few valid, or no invalid ones'
 
     # Every loss term.
     assert set(ours) == set(theirs)
