@@ -110,7 +110,8 @@ def torchvision_architecture(depth: int = 50, mask: bool = True, num_classes: in
     body = resnet(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(body, 3)
     if keypoints:
-        model = KeypointRCNN(backbone, num_classes=num_classes, num_keypoints=keypoints, **kwargs)
+        k = None if 'keypoint_predictor' in kwargs else keypoints   # torchvision takes one or the other
+        model = KeypointRCNN(backbone, num_classes=num_classes, num_keypoints=k, **kwargs)
     else:
         model = (MaskRCNN if mask else FasterRCNN)(backbone, num_classes=num_classes, **kwargs)
     overwrite_eps(model, 0.0)
