@@ -1,4 +1,5 @@
-# Two commands for a fresh machine with Python 3.11 and make: `make demo` and `make test`.
+# Two commands for a fresh machine with Python 3.11 and make: `make demo` and `make test`
+# (and `make demo-keypoints`, the Keypoint R-CNN demo on stick figures).
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,8 +9,9 @@ TEST   := $(VENV)/.installed-test
 # orders the files longest first. PYTEST_ARGS= runs in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 DEMO_DIR ?= demo_out
+DEMO_KEYPOINTS_DIR ?= demo_keypoints_out
 
-.PHONY: test demo venv clean
+.PHONY: test demo demo-keypoints venv clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need Python 3.11 on PATH (or: make PYTHON=/path/to/python3.11 ...)"; exit 1; }
@@ -34,5 +36,8 @@ test: $(TEST)
 demo: $(BASE)
 	$(PY) -m mrcnn_jax.cli demo --workdir $(DEMO_DIR)
 
+demo-keypoints: $(BASE)
+	$(PY) -m mrcnn_jax.cli demo --task keypoints --workdir $(DEMO_KEYPOINTS_DIR)
+
 clean:
-	rm -rf $(VENV) build *.egg-info $(DEMO_DIR)
+	rm -rf $(VENV) build *.egg-info $(DEMO_DIR) $(DEMO_KEYPOINTS_DIR)

@@ -1,4 +1,4 @@
-"""Fields that several configs share: the small CPU models and the synthetic-shapes data."""
+"""Fields that several configs share: the small CPU models and the synthetic datasets."""
 
 import ml_collections
 
@@ -22,12 +22,29 @@ def synthetic_shapes(c: ml_collections.ConfigDict, *, image_size: int) -> ml_col
     that size on a canvas of the same size."""
     d = c.data
     d.source = 'synthetic'
+    d.synthetic_task = 'shapes'
     d.synthetic_image_size = image_size
     d.canvas = (image_size, image_size)
     d.min_size = (image_size,)
     d.max_size = image_size
     d.test_min_size = image_size
     d.test_max_size = image_size
+    return c
+
+
+def synthetic_keypoints(c: ml_collections.ConfigDict, *, image_size: int) -> ml_collections.ConfigDict:
+    """The built-in synthetic keypoint dataset (stick figures, one class 'person' with 13
+    keypoints: `mrcnn_jax/data/synthetic_keypoints.py`) at image_size x image_size, and a
+    Keypoint R-CNN for it: keypoint head on, no masks, 2 classes (background + person)."""
+    synthetic_shapes(c, image_size=image_size)
+    c.data.synthetic_task = 'keypoints'
+    c.data.keypoints = True
+    c.data.num_keypoints = 13
+    m = c.model
+    m.num_classes = 2
+    m.mask_on = False
+    m.keypoint_on = True
+    m.num_keypoints = 13
     return c
 
 
@@ -93,4 +110,23 @@ def cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.roi.cascade_ious = (0.5, 0.6, 0.7)
     m.roi.cascade_box_weights = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
     m.rpn.post_nms_topk_train = 2000
+    return c
+
+
+def detectron2_keypoints(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Keypoint R-CNN as Detectron2's `Base-Keypoint-RCNN-FPN.yaml`: one class (person) and no
+    mask head, the keypoint head (8 x 512 3x3 convs on 14 x 14 RoIAlign, 56 x 56 heatmaps of
+    COCO's 17 keypoints), box regression smooth L1 beta 0.5 (the yaml's: keypoint AP degrades
+    with plain L1), 1500 proposals per image after NMS in training; data with keypoints."""
+    m = c.model
+    m.num_classes = 2
+    m.mask_on = False
+    m.keypoint_on = True
+    m.num_keypoints = 17
+    m.conventions.box_smooth_l1_beta = 0.5
+    m.rpn.post_nms_topk_train = 1500
+    r = m.roi
+    r.keypoint_head_convs, r.keypoint_head_channels, r.keypoint_pool_size = 8, 512, 14
+    c.data.keypoints = True
+    c.data.num_keypoints = 17
     return c

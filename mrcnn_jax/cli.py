@@ -86,6 +86,16 @@ def load_predictor(checkpoint, config_path=None, overrides=(), **kwargs):
     return Predictor.from_checkpoint(path, cfg, **kwargs)
 
 
+def model_metadata(checkpoint) -> dict:
+    """metadata.json of a model directory or training workdir ({} for a .pth or when absent)."""
+    import json
+    path = pathlib.Path(checkpoint)
+    for d in (path / 'model', path):
+        if (d / 'config.json').exists() and (d / 'metadata.json').exists():
+            return json.loads((d / 'metadata.json').read_text())
+    return {}
+
+
 def _cmd_convert(args, overrides) -> int:
     from mrcnn_jax.model_dir import save_model_dir
     from mrcnn_jax.predictor import Predictor
@@ -176,7 +186,7 @@ def _cmd_predict(args, overrides) -> int:
     import json
 
 
-    from mrcnn_jax.visualize import draw_predictions, predictions_to_json
+    from mrcnn_jax.visualize import draw_predictions, keypoint_skeleton, predictions_to_json
 
     files = _expand_images(args.images)
     if not files:
@@ -184,6 +194,7 @@ def _cmd_predict(args, overrides) -> int:
         return 1
     p = load_predictor(args.checkpoint, args.config, overrides, batch_size=args.batch_size)
     names = dict(zip((int(i) for i in p.label_ids), p.class_names))
+    skeleton = keypoint_skeleton(p.config, model_metadata(args.checkpoint))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     originals = {}
@@ -206,7 +217,8 @@ def _cmd_predict(args, overrides) -> int:
     for f, pred in tqdm(p.predict_iter(items(), on_error=lambda f, e: unusable.append((f, e))),
                         total=len(files), desc='predict', unit='img'):
         image = originals.pop(f)
-        draw_predictions(image, pred, names, args.score_threshold).save(out / f'{f.stem}.png')
+        draw_predictions(image, pred, names, args.score_threshold,
+                         keypoint_skeleton=skeleton).save(out / f'{f.stem}.png')
         record = {'image': str(f), 'height': int(image.shape[0]), 'width': int(image.shape[1]),
                   'instances': predictions_to_json(pred, names, args.score_threshold)}
         (out / f'{f.stem}.json').write_text(json.dumps(record))
@@ -236,7 +248,9 @@ def _cmd_benchmark(args, overrides) -> int:
 
 def _cmd_demo(args, overrides) -> int:
     from mrcnn_jax import demo
-    return demo.main(args.workdir, overrides)
+    if args.workdir is None:
+        args.workdir = 'demo_out' if args.task == 'shapes' else f'demo_{args.task}_out'
+    return demo.main(args.workdir, overrides, task=args.task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,8 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('rest', nargs=argparse.REMAINDER)
     b.set_defaults(func=_cmd_benchmark)
 
-    m = sub.add_parser('demo', parents=[common], help='synthetic shapes: generate, train, evaluate, draw')
-    m.add_argument('--workdir', default='demo_out')
+    m = sub.add_parser('demo', parents=[common],
+                       help='synthetic data: generate, train, evaluate, draw (shapes or keypoints)')
+    m.add_argument('--workdir', default=None, help='default: demo_out (shapes), demo_keypoints_out (keypoints)')
+    m.add_argument('--task', choices=['shapes', 'keypoints'], default='shapes',
+                   help='shapes: Mask R-CNN on coloured shapes (make demo); keypoints: Keypoint '
+                        'R-CNN on stick figures (make demo-keypoints)')
     m.set_defaults(func=_cmd_demo)
     return ap
 

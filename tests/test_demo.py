@@ -44,3 +44,42 @@ def test_demo_runs_end_to_end_on_a_short_schedule(tmp_path):
     with Image.open(pngs[0]) as im:
         assert im.size == (256, 256) and im.mode == 'RGB'
     assert (workdir / 'model').is_dir() and (workdir / 'data' / 'val').exists()
+
+
+def test_keypoint_demo_stages_with_a_stand_in_model(tmp_path, monkeypatch, capsys):
+    """`mrcnn-jax demo --task keypoints` (`make demo-keypoints`): its dataset, config, keypoint
+    evaluation, skeleton overlays and summary, with training and the model replaced by a
+    stand-in that predicts the ground truth (tests/keypoint_fakes.py), so no compilation: the
+    model's own path is the Predictor's and the training loop's (their tests)."""
+    import numpy as np
+    from keypoint_fakes import GroundTruthPredictor
+
+    from mrcnn_jax import cli, predictor
+    from mrcnn_jax.data import synthetic
+    from mrcnn_jax.training import loop
+
+    trained = {}
+
+    def fake_train(cfg, workdir):
+        trained.update(config=cfg, workdir=workdir)
+
+    def fake_checkpoint(path, cfg, **kwargs):
+        return GroundTruthPredictor(cfg, synthetic.ensure_synthetic(cfg)['val'][0])
+    monkeypatch.setattr(loop, 'train', fake_train)
+    monkeypatch.setattr(predictor.Predictor, 'from_checkpoint', staticmethod(fake_checkpoint))
+    workdir = tmp_path / 'kp'
+    assert cli.main(['demo', '--task', 'keypoints', '--workdir', str(workdir),
+                     '--config.data.synthetic_num_train=2', '--config.data.synthetic_num_val=3']) == 0
+    out = capsys.readouterr().out
+    for stage in ('1/4 synthetic keypoint figures dataset', '2/4 training keypoints_tiny.py',
+                  '3/4 evaluation', '4/4 overlays'):
+        assert f'=== {stage}' in out, out[-3000:]
+    cfg = trained['config']
+    assert cfg.model.keypoint_on and not cfg.model.mask_on and cfg.data.synthetic_task == 'keypoints'
+    assert 'IoU metric: keypoints' in out
+    assert re.search(r'held-out COCO AP: box 1\.000, keypoints 1\.000', out), out[-2000:]
+    pngs = sorted((workdir / 'overlays').glob('*.png'))
+    assert len(pngs) == 3
+    drawn = np.asarray(Image.open(pngs[0])).astype(int)
+    plain = np.asarray(Image.open(workdir / 'data' / 'val' / pngs[0].name)).astype(int)
+    assert drawn.shape == (256, 256, 3) and (drawn != plain).any(axis=-1).mean() > 0.01

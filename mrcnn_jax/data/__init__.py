@@ -12,6 +12,7 @@ Modules, in the order data flows through them:
     transforms   per-example TF ops: flip, resize rule, normalize, pad, GT selection and mask crops
     pipeline     build_dataset(): sharding, shuffling, batching, iterator state
     synthetic    a generated shapes dataset in COCO format (demo and tests)
+    synthetic_keypoints  generated stick figures in COCO person-keypoint format (keypoint demo)
     ground_truth evaluation images and pycocotools ground truth of a split
     drawing      batch → annotated PNGs (the `data show` command)
     cli          `mrcnn-jax data to-tfrecord | show`

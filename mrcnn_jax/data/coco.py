@@ -8,6 +8,16 @@ Two levels of checks, both counted in a `SkipLog` (or raised with `strict=True`)
       with no overlap is skipped.
 Images without annotations (negatives) are kept.
 
+Keypoints (a category's `keypoints` names; K of them per dataset):
+    * an annotation whose `keypoints` are not 3 * K finite numbers with visibility flags 0, 1
+      or 2 is skipped (`bad_keypoints`; a DataError when strict). K is the categories' list; a
+      json without names takes K from the config (`load_coco_json(num_keypoints=...)`), else
+      from its annotations (the most keypoints any has).
+    * a labelled keypoint outside the image becomes (0, 0, 0), 'not labelled', as Detectron2
+      marks out-of-image keypoints (counted: note `keypoint_outside_image`); one outside its box
+      is kept (both references' keypoint targets ignore it; note `keypoint_outside_box`); an
+      instance with no labelled keypoint stays a box instance (note `no_labelled_keypoints`).
+
 Conventions: `bbox` [x, y, w, h] → xyxy in pixels, the image spanning [0, W] x [0, H] (COCO and
 torchvision alike); keypoints kept as given (x, y, v) in pixels.
 """
@@ -54,6 +64,13 @@ COCO_PERSON_KEYPOINTS = (
     'left_knee', 'right_knee', 'left_ankle', 'right_ankle',
 )
 
+# COCO's person skeleton as its json gives it: pairs of 1-based indices into
+# COCO_PERSON_KEYPOINTS (category 'skeleton' of person_keypoints_*.json).
+COCO_PERSON_SKELETON = (
+    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9),
+    (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+)
+
 MISSING_SEGMENTATION = 'missing_segmentation'
 
 
@@ -87,6 +104,7 @@ class CocoDataset:
     keypoint_names: tuple[str, ...]           # () when no category has keypoints
     has_segmentation: bool                    # any annotation carries a segmentation
     skips: SkipLog
+    keypoint_skeleton: tuple[tuple[int, int], ...] = ()   # 0-based index pairs (the json's are 1-based)
 
     @property
     def category_ids(self) -> list[int]:
@@ -134,6 +152,19 @@ def _is_int(x: Any) -> bool:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_skeleton(raw: Any, num_keypoints: int) -> tuple[tuple[int, int], ...]:
+    """A category's 'skeleton' (1-based pairs) → 0-based pairs; pairs that are not two indices in
+    1..K are dropped (the skeleton only draws lines)."""
+    if not isinstance(raw, list):
+        return ()
+    pairs = []
+    for pair in raw:
+        if (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair))
+                and all(1 <= i <= num_keypoints for i in pair)):
+            pairs.append((pair[0] - 1, pair[1] - 1))
+    return tuple(pairs)
 
 
 def _parse_categories(raw: Any, path: str) -> tuple[list[dict], tuple[str, ...]]:
@@ -195,7 +226,7 @@ def _check_segmentation(seg: Any) -> str | None:
 
 
 def _parse_annotation(a: Any, path: str, image_ids: set, category_ids: set,
-                      num_keypoints: int, skips: SkipLog) -> Annotation | None:
+                      num_keypoints: int, skips: SkipLog, keypoint_source: str = '') -> Annotation | None:
     ann_id = a.get('id') if isinstance(a, dict) else None
     where = f'{path}: annotation id {ann_id}'
     if not isinstance(a, dict) or not _is_int(ann_id):
@@ -236,22 +267,35 @@ def _parse_annotation(a: Any, path: str, image_ids: set, category_ids: set,
         skips.skip_instance(val.BAD_SEGMENTATION, f'{where}: {reason}')
         return None
     kps = a.get('keypoints')
+    if kps == []:
+        kps = None
     if kps is not None:
-        if not (isinstance(kps, list) and all(map(_is_number, kps)) and len(kps) % 3 == 0
-                and (num_keypoints == 0 or len(kps) == 3 * num_keypoints)):
-            skips.skip_instance(val.BAD_KEYPOINTS, f'{where}: keypoints must be 3*{num_keypoints} '
-                                'finite numbers')
+        if not (isinstance(kps, list) and all(map(_is_number, kps)) and len(kps) % 3 == 0):
+            skips.skip_instance(val.BAD_KEYPOINTS, f'{where}: keypoints must be a list of '
+                                '(x, y, v) triples of finite numbers')
+            return None
+        if num_keypoints and len(kps) != 3 * num_keypoints:
+            skips.skip_instance(val.BAD_KEYPOINTS, f'{where}: {len(kps) // 3} keypoints, expected '
+                                f'{num_keypoints} ({keypoint_source})')
+            return None
+        if any(v not in (0, 1, 2) for v in kps[2::3]):
+            skips.skip_instance(val.BAD_KEYPOINTS, f'{where}: keypoint visibility flags must be '
+                                f'0, 1 or 2, got {sorted(set(kps[2::3]) - {0, 1, 2})[:5]}')
             return None
         kps = tuple(float(k) for k in kps)
     return Annotation(ann_id, a['image_id'], a['category_id'], tuple(float(b) for b in bbox),
                       bool(crowd), area, seg, kps)
 
 
-def load_coco_json(path: str, *, strict: bool = False) -> CocoDataset:
+def load_coco_json(path: str, *, strict: bool = False,
+                   num_keypoints: int | None = None) -> CocoDataset:
     """Reads and validates a COCO instances json (see module docstring for what is checked).
 
     Raises DataError for an unreadable file or broken structure; bad annotations are skipped and
-    counted in the returned dataset's `skips` (or raise, with `strict=True`).
+    counted in the returned dataset's `skips` (or raise, with `strict=True`). num_keypoints: K
+    that the config expects (`data.num_keypoints` when training on keypoints): the count of a
+    json whose categories name no keypoints. (A json whose categories name another number is
+    the pipeline's clear error, `pipeline._check_config`, not a skip of every annotation.)
     """
     raw = _read_json(path)
     if not isinstance(raw, dict):
@@ -263,6 +307,8 @@ def load_coco_json(path: str, *, strict: bool = False) -> CocoDataset:
     if not isinstance(raw_annotations, list):
         raise DataError(f"{path}: 'annotations' must be a list")
     categories, keypoint_names = _parse_categories(raw['categories'], path)
+    skeleton = next((_parse_skeleton(c.get('skeleton'), len(keypoint_names)) for c in categories
+                     if c.get('keypoints')), ())
     images = _parse_images(raw['images'], path)
     skips = SkipLog(strict=strict)
     image_ids = {im.id for im in images}
@@ -270,10 +316,26 @@ def load_coco_json(path: str, *, strict: bool = False) -> CocoDataset:
     annotations: dict[int, list[Annotation]] = {im.id: [] for im in images}
     seen_ids = set()
     has_segmentation = False
+    num_named = len(keypoint_names) or num_keypoints or 0
+    source = "the categories' keypoint names" if keypoint_names else 'data.num_keypoints'
+    parsed = []
     for a in raw_annotations:
-        ann = _parse_annotation(a, path, image_ids, category_ids, len(keypoint_names), skips)
-        if ann is None:
-            continue
+        ann = _parse_annotation(a, path, image_ids, category_ids, num_named, skips, source)
+        if ann is not None:
+            parsed.append(ann)
+    if not num_named:   # no names, no config: K is the most keypoints an annotation has
+        num_named = max((len(a.keypoints) // 3 for a in parsed if a.keypoints), default=0)
+        if num_named:
+            kept = []
+            for ann in parsed:
+                if ann.keypoints and len(ann.keypoints) != 3 * num_named:
+                    skips.skip_instance(val.BAD_KEYPOINTS, f'{path}: annotation id {ann.id}: '
+                                        f'{len(ann.keypoints) // 3} keypoints, expected '
+                                        f'{num_named} (the most any annotation has)')
+                    continue
+                kept.append(ann)
+            parsed = kept
+    for ann in parsed:
         if ann.id in seen_ids:
             skips.skip_instance(val.MALFORMED_ANNOTATION,
                                 f'{path}: duplicate annotation id {ann.id}')
@@ -281,12 +343,10 @@ def load_coco_json(path: str, *, strict: bool = False) -> CocoDataset:
         seen_ids.add(ann.id)
         has_segmentation |= ann.segmentation is not None
         annotations[ann.image_id].append(ann)
-    if not keypoint_names:
-        k = max((len(a.keypoints) // 3 for anns in annotations.values() for a in anns
-                 if a.keypoints), default=0)
-        keypoint_names = tuple(f'keypoint_{i}' for i in range(k))
+    if not keypoint_names and any(a.keypoints for anns in annotations.values() for a in anns):
+        keypoint_names = tuple(f'keypoint_{i}' for i in range(num_named))
     return CocoDataset(path, images, annotations, categories, keypoint_names, has_segmentation,
-                       skips)
+                       skips, skeleton)
 
 
 def segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
@@ -358,9 +418,8 @@ def build_instances(annotations: Sequence[Annotation], height: int, width: int, 
         if with_masks:
             masks.append(mask)
         if num_keypoints:
-            has_kps = a.keypoints is not None and len(a.keypoints) == 3 * num_keypoints
-            kps.append(np.asarray(a.keypoints, np.float32).reshape(num_keypoints, 3)
-                       if has_kps else np.zeros((num_keypoints, 3), np.float32))
+            kps.append(_instance_keypoints(a, num_keypoints, (x1, y1, x2, y2), height, width,
+                                           skips))
     n = len(boxes)
     return Instances(
         boxes=np.asarray(boxes, np.float32).reshape(n, 4),
@@ -372,6 +431,29 @@ def build_instances(annotations: Sequence[Annotation], height: int, width: int, 
         if with_masks else None,
         keypoints=(np.stack(kps) if kps else np.zeros((0, num_keypoints, 3), np.float32))
         if num_keypoints else None)
+
+
+def _instance_keypoints(a: Annotation, num_keypoints: int, box, height: int, width: int,
+                        skips: SkipLog) -> np.ndarray:
+    """[K, 3] float32 (x, y, v) of one annotation (module docstring: keypoints); zeros when it has
+    none."""
+    if a.keypoints is None or len(a.keypoints) != 3 * num_keypoints:
+        return np.zeros((num_keypoints, 3), np.float32)
+    kps = np.asarray(a.keypoints, np.float32).reshape(num_keypoints, 3)
+    labelled = kps[:, 2] > 0
+    x, y = kps[:, 0], kps[:, 1]
+    outside = labelled & ((x < 0) | (x > width) | (y < 0) | (y > height))
+    if outside.any():
+        skips.note('keypoint_outside_image', int(outside.sum()))
+        kps[outside] = 0.0
+        labelled &= ~outside
+    x1, y1, x2, y2 = box
+    off_box = labelled & ((x < x1) | (x > x2) | (y < y1) | (y > y2))
+    if off_box.any():
+        skips.note('keypoint_outside_box', int(off_box.sum()))
+    if not labelled.any():
+        skips.note('no_labelled_keypoints')
+    return kps
 
 
 def image_path(images_dir: str, entry: ImageEntry) -> str:

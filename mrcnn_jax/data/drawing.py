@@ -1,4 +1,4 @@
-"""Batches → annotated PNGs: the normalization undone, boxes, masks, keypoints drawn.
+"""Batches → annotated PNGs: the normalization undone, boxes, masks, keypoints and skeletons drawn.
 
 The way to see what the model is fed (`mrcnn-jax data show`): the whole canvas is drawn (its
 padding, 0 after normalization, shows as the mean colour), the resized image's extent outlined in
@@ -11,6 +11,9 @@ import colorsys
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mrcnn_jax.data.metadata import default_keypoint_skeleton
+from mrcnn_jax.visualize import draw_keypoints
 
 
 def unnormalize(images: np.ndarray, conventions) -> np.ndarray:
@@ -60,7 +63,8 @@ def draw_element(batch: dict, i: int, metadata: dict, conventions) -> Image.Imag
         draw.text((box[0] + 2, box[1] + 1), label + (' (crowd)' if crowd else ''),
                   fill=(255, 255, 255, 255))
         if 'gt_keypoints' in batch:
-            for x, y, v in batch['gt_keypoints'][i, n]:
-                if v > 0:
-                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour + (255,))
+            kps = batch['gt_keypoints'][i, n]
+            skeleton = metadata.get('keypoint_skeleton') or default_keypoint_skeleton(
+                kps.shape[0], metadata.get('keypoint_names', ()))
+            draw_keypoints(draw, kps, skeleton, colour, radius=2.0, width=1)
     return canvas.convert('RGB')

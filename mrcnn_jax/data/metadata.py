@@ -7,6 +7,7 @@
       'has_masks': True,
       'keypoint_names': [...],                 # [] when the dataset has no keypoints
       'keypoint_flip_map': [0, 2, 1, ...],     # index of each keypoint's mirror image
+      'keypoint_skeleton': [[0, 1], ...],      # 0-based index pairs drawn as lines ([] if none)
       'num_images': 5000, 'num_instances': 36781,
       'source': 'tfrecord' | 'coco_json' | 'tfds' | 'synthetic',
       ...                                      # source-specific extras (shards, summary, ...)
@@ -40,8 +41,21 @@ def keypoint_flip_map(names: Sequence[str]) -> list[int]:
     return flip
 
 
+def default_keypoint_skeleton(num_keypoints: int, keypoint_names: Sequence[str] = ()) -> list[list[int]]:
+    """The skeleton (0-based index pairs) to draw when a dataset or model names none: the synthetic
+    figures' for their 13 keypoint names, COCO's person skeleton for 17 keypoints, else none."""
+    from mrcnn_jax.data import coco, synthetic_keypoints
+    if tuple(keypoint_names) == synthetic_keypoints.KEYPOINT_NAMES:
+        return [list(p) for p in synthetic_keypoints.SKELETON]
+    if num_keypoints == len(coco.COCO_PERSON_KEYPOINTS) and (
+            not keypoint_names or tuple(keypoint_names) == coco.COCO_PERSON_KEYPOINTS):
+        return [[a - 1, b - 1] for a, b in coco.COCO_PERSON_SKELETON]
+    return []
+
+
 def make_metadata(category_ids: Sequence[int], category_names: Sequence[str], *,
-                  has_masks: bool, keypoint_names: Sequence[str] = (), num_images: int = -1,
+                  has_masks: bool, keypoint_names: Sequence[str] = (),
+                  keypoint_skeleton: Sequence[Sequence[int]] = (), num_images: int = -1,
                   num_instances: int = -1, source: str = '', **extra) -> dict:
     order = np.argsort(np.asarray(category_ids, np.int64), kind='stable')
     ids = [int(category_ids[i]) for i in order]
@@ -54,6 +68,7 @@ def make_metadata(category_ids: Sequence[int], category_names: Sequence[str], *,
         'has_masks': bool(has_masks),
         'keypoint_names': list(keypoint_names),
         'keypoint_flip_map': keypoint_flip_map(list(keypoint_names)),
+        'keypoint_skeleton': [[int(a), int(b)] for a, b in keypoint_skeleton],
         'num_images': int(num_images),
         'num_instances': int(num_instances),
         'source': source,

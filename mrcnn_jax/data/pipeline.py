@@ -101,16 +101,18 @@ def _make_source(config, split: str):
     data = config.data
     prefix = 'train' if split == 'train' else 'val'
     with_masks = None if config.model.mask_on else False
+    num_keypoints = int(data.num_keypoints) if data.keypoints else None
     if data.source == 'coco_json':
         ann, img = data[f'{prefix}_annotations'], data[f'{prefix}_images']
         if not ann or not img:
             raise ValueError(f"data.source='coco_json' needs data.{prefix}_annotations and "
                              f'data.{prefix}_images')
-        return sources.CocoJsonSource(ann, img, with_masks=with_masks, strict=data.strict)
+        return sources.CocoJsonSource(ann, img, with_masks=with_masks, strict=data.strict,
+                                      num_keypoints=num_keypoints)
     if data.source == 'synthetic':
         ann, img = synthetic.ensure_synthetic(config)[prefix]
         return sources.CocoJsonSource(ann, img, with_masks=with_masks, strict=True,
-                                      source_name='synthetic')
+                                      source_name='synthetic', num_keypoints=num_keypoints)
     if data.source == 'tfrecord':
         pattern = data[f'{prefix}_tfrecords']
         if not pattern:
@@ -132,10 +134,20 @@ def _check_config(config, metadata: dict) -> None:
             + (' (tfds coco/2017 has boxes only)' if data.source == 'tfds' else '')
             + ': set model.mask_on=False for box-only (Faster R-CNN) training, or use COCO json / '
             'TFRecords with segmentations')
+    if model.get('keypoint_on', False):
+        if not data.keypoints:
+            raise ValueError('model.keypoint_on=True learns from keypoints: set data.keypoints=True '
+                             f'(and data.num_keypoints={model.num_keypoints})')
+        if data.num_keypoints != model.num_keypoints:
+            raise ValueError(f'data.num_keypoints={data.num_keypoints} but model.num_keypoints='
+                             f'{model.num_keypoints}: the keypoint head predicts one heatmap per '
+                             'keypoint of the dataset')
     if data.keypoints:
         k = len(metadata['keypoint_names'])
         if not k:
-            raise ValueError(f'data.keypoints=True but the {source} source has no keypoints')
+            raise ValueError(f'data.keypoints=True but the {source} source has no keypoints'
+                             + (" (data.synthetic_task='keypoints' generates a dataset with "
+                                'keypoints)' if data.source == 'synthetic' else ''))
         if k != data.num_keypoints:
             raise ValueError(f'data.num_keypoints={data.num_keypoints} but the dataset has {k} '
                              f"keypoints: {metadata['keypoint_names']}")

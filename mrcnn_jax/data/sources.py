@@ -29,11 +29,14 @@ class CocoJsonSource:
 
     Images whose file is missing are dropped up front (counted in `skips`, or DataError when
     strict); images that fail to decode are found when read: `read` raises DataError.
+    num_keypoints: the K the config expects, for a json whose categories name no keypoints
+    (`coco.load_coco_json`).
     """
 
     def __init__(self, annotations: str, images_dir: str, *, with_masks: bool | None = None,
-                 strict: bool = False, source_name: str = 'coco_json'):
-        self.dataset = coco.load_coco_json(annotations, strict=strict)
+                 strict: bool = False, source_name: str = 'coco_json',
+                 num_keypoints: int | None = None):
+        self.dataset = coco.load_coco_json(annotations, strict=strict, num_keypoints=num_keypoints)
         self.images_dir = images_dir
         self.with_masks = self.dataset.has_segmentation if with_masks is None else with_masks
         self.skips = self.dataset.skips
@@ -56,7 +59,8 @@ class CocoJsonSource:
         self.info = np.asarray(rows, np.int64).reshape(-1, len(tfrecord.INDEX_COLUMNS))
         self.metadata = metadata_lib.make_metadata(
             self.dataset.category_ids, self.dataset.category_names, has_masks=self.with_masks,
-            keypoint_names=self.dataset.keypoint_names, num_images=len(entries),
+            keypoint_names=self.dataset.keypoint_names,
+            keypoint_skeleton=self.dataset.keypoint_skeleton, num_images=len(entries),
             num_instances=int(self.info[:, 6:8].sum()), source=source_name,
             annotations=annotations, images=images_dir, validation=self.skips.to_dict())
         self.ground_truth_path = annotations

@@ -11,6 +11,10 @@ Each image: a textured background (low-frequency colour noise, stripes, grain) i
 2–6 saturated shapes of random colour, size (diameter ~18–44% of the image side), rotation and
 position, drawn in z-order so that later shapes occlude earlier ones. Every shape keeps at least
 half of its area visible, so the task stays learnable by a small model on a CPU in minutes.
+
+`data.synthetic_task` picks the generator: 'shapes' (this module) or 'keypoints' (stick figures
+with 13 joints, `synthetic_keypoints.py`); both write the same layout through `write_split`, and
+`ensure_synthetic` caches either.
 """
 
 from __future__ import annotations
@@ -122,46 +126,82 @@ def _render(rng: np.random.Generator, size: int):
     return pixels, objects[::-1]
 
 
-def generate(out_dir: str, num_images: int, image_size: int = 256, seed: int = 0,
-             split_name: str = 'train') -> str:
-    """Writes the split (module docstring); returns the annotation json path."""
+def write_split(out_dir: str, split_name: str, renders, categories, info: dict) -> str:
+    """Writes one split of a generated dataset; returns the annotation json path.
+
+    renders: an iterable of (pixels [S, S, 3] uint8, objects), one per image, where objects is a
+    list of (category_id, visible [S, S] bool mask, extra annotation fields dict). Each object
+    becomes an annotation with a compressed-RLE segmentation of its visible mask, bbox and area
+    from that mask, iscrowd 0, and the extra fields (e.g. keypoints).
+    """
     from pycocotools import mask as mask_utils
-    rng = _rng(seed, split_name)
     image_dir = os.path.join(out_dir, split_name)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
-    for i in range(num_images):
-        pixels, objects = _render(rng, image_size)
+    for i, (pixels, objects) in enumerate(renders):
+        height, width = pixels.shape[:2]
         file_name = f'{i:06d}.png'
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name), compress_level=1)
         image_id = i + 1
-        images.append({'id': image_id, 'file_name': file_name, 'height': image_size,
-                       'width': image_size})
-        for category, visible in objects:
+        images.append({'id': image_id, 'file_name': file_name, 'height': height, 'width': width})
+        for category, visible, extra in objects:
             rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
             annotations.append({
                 'id': len(annotations) + 1, 'image_id': image_id, 'category_id': category,
-                'segmentation': {'size': [image_size, image_size],
-                                 'counts': rle['counts'].decode('ascii')},
+                'segmentation': {'size': [height, width], 'counts': rle['counts'].decode('ascii')},
                 'area': float(mask_utils.area(rle)),
                 'bbox': [float(v) for v in mask_utils.toBbox(rle)],
                 'iscrowd': 0,
+                **extra,
             })
     path = os.path.join(out_dir, f'annotations_{split_name}.json')
     with open(path, 'w', encoding='utf-8') as f:
-        json.dump({'info': {'description': f'mrcnn_jax synthetic shapes v{_VERSION}',
-                            'seed': seed, 'split': split_name},
-                   'images': images, 'annotations': annotations,
-                   'categories': list(CATEGORIES)}, f)
+        json.dump({'info': info, 'images': images, 'annotations': annotations,
+                   'categories': list(categories)}, f)
     return path
+
+
+def generate(out_dir: str, num_images: int, image_size: int = 256, seed: int = 0,
+             split_name: str = 'train') -> str:
+    """Writes the split (module docstring); returns the annotation json path."""
+    rng = _rng(seed, split_name)
+
+    def renders():
+        for _ in range(num_images):
+            pixels, objects = _render(rng, image_size)
+            yield pixels, [(category, visible, {}) for category, visible in objects]
+    return write_split(out_dir, split_name, renders(), CATEGORIES,
+                       {'description': f'mrcnn_jax synthetic shapes v{_VERSION}', 'seed': seed,
+                        'split': split_name})
+
+
+TASKS = ('shapes', 'keypoints')
+
+
+def _task(d) -> str:
+    task = d.get('synthetic_task', 'shapes') or 'shapes'
+    if task not in TASKS:
+        raise ValueError(f'data.synthetic_task must be one of {TASKS}, got {task!r}')
+    return task
+
+
+def _generator(task: str):
+    """(generate function, version) of a task."""
+    if task == 'keypoints':
+        from mrcnn_jax.data import synthetic_keypoints
+        return synthetic_keypoints.generate, synthetic_keypoints.VERSION
+    return generate, _VERSION
 
 
 def default_dir(data_config) -> str:
     cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     d = data_config
-    return os.path.join(cache, 'mrcnn_jax', 'synthetic',
-                        f'v{_VERSION}-{d.synthetic_image_size}px-{d.synthetic_num_train}-'
-                        f'{d.synthetic_num_val}-seed{d.synthetic_seed}')
+    task = _task(d)
+    _, version = _generator(task)
+    name = ('' if task == 'shapes' else f'{task}-') + (
+        f'v{version}-{d.synthetic_image_size}px-{d.synthetic_num_train}-'
+        f'{d.synthetic_num_val}-seed{d.synthetic_seed}')
+    return os.path.join(cache, 'mrcnn_jax', 'synthetic', name)
 
 
 @contextlib.contextmanager
@@ -184,11 +224,15 @@ def ensure_synthetic(config) -> dict[str, tuple[str, str]]:
     Returns {'train': (annotations_json, images_dir), 'val': (...)}.
     """
     d = config.data if hasattr(config, 'data') else config
+    task = _task(d)
+    generate_split, version = _generator(task)
     root = d.synthetic_dir or default_dir(d)
     os.makedirs(root, exist_ok=True)
-    params = {'version': _VERSION, 'image_size': int(d.synthetic_image_size),
+    params = {'version': version, 'image_size': int(d.synthetic_image_size),
               'seed': int(d.synthetic_seed),
               'splits': {'train': int(d.synthetic_num_train), 'val': int(d.synthetic_num_val)}}
+    if task != 'shapes':      # (shapes folders written before tasks existed stay valid)
+        params['task'] = task
     marker = os.path.join(root, 'synthetic.json')
     out = {split: (os.path.join(root, f'annotations_{split}.json'), os.path.join(root, split))
            for split in params['splits']}
@@ -200,8 +244,8 @@ def ensure_synthetic(config) -> dict[str, tuple[str, str]]:
             os.remove(marker)
         for split, count in params['splits'].items():
             shutil.rmtree(os.path.join(root, split), ignore_errors=True)
-            log.info('generating %d synthetic %s images in %s', count, split, root)
-            generate(root, count, params['image_size'], params['seed'], split)
+            log.info('generating %d synthetic %s %s images in %s', count, task, split, root)
+            generate_split(root, count, params['image_size'], params['seed'], split)
         with open(marker, 'w', encoding='utf-8') as f:
             json.dump(params, f)
     return out

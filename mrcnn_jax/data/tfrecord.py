@@ -177,7 +177,8 @@ def convert(annotations: str, images_dir: str, out_dir: str, *, num_shards: int 
         files.write_bytes(gt_path, json.dumps(gt).encode('utf-8'))
     meta = metadata_lib.make_metadata(
         dataset.category_ids, dataset.category_names, has_masks=with_masks,
-        keypoint_names=dataset.keypoint_names, num_images=len(rows), num_instances=num_instances,
+        keypoint_names=dataset.keypoint_names, keypoint_skeleton=dataset.keypoint_skeleton,
+        num_images=len(rows), num_instances=num_instances,
         source='tfrecord',
         shards=[{'file': os.path.basename(p), 'num_records': c}
                 for p, c in zip(shard_paths, shard_counts)],

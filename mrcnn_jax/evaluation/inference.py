@@ -28,15 +28,21 @@ def label_ids_for(cfg: ml_collections.ConfigDict, metadata: dict) -> list[int]:
 
 def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', max_images: int = 0,
              out_dir=None, backend: str | None = None, progress: bool = True, verbose: bool = True) -> dict:
-    """COCO bbox (and segm for mask models) evaluation of `predictor` (its batch size and mesh)
-    on a split of `cfg.data`.
+    """COCO bbox (and segm for mask models, keypoints for keypoint models) evaluation of
+    `predictor` (its batch size and mesh) on a split of `cfg.data`.
 
-    Returns {'bbox': {...}, 'segm': {...}, 'num_images': n, 'skipped': k, 'seconds': s}; with
-    out_dir, writes results.json (COCO results) and metrics.json there.
+    Keypoints are scored (pycocotools' OKS, with the dataset's sigmas: `keypoints.oks_sigmas`)
+    when the model has a keypoint head and the annotations carry keypoints; otherwise a keypoint
+    model gets one line saying why not, and its box (and mask) AP as usual.
+
+    Returns {'bbox': {...}, 'segm': {...}, 'keypoints': {...}, 'num_images': n, 'skipped': k,
+    'seconds': s} (with 'keypoints_not_evaluated': reason, for a keypoint model whose keypoints
+    were not scored); with out_dir, writes results.json (COCO results) and metrics.json there.
     """
     from tqdm import tqdm
 
     from mrcnn_jax.data import ground_truth
+    from mrcnn_jax.evaluation import keypoints
     from mrcnn_jax.evaluation.coco_eval import CocoEvaluator
 
     coco_gt = ground_truth.coco_ground_truth(cfg, split)
@@ -46,6 +52,18 @@ def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', m
     if max_images:
         total = min(total, max_images)
     iou_types = ('bbox', 'segm') if cfg.model.mask_on else ('bbox',)
+    kpt_oks_sigmas, not_evaluated = None, None
+    if cfg.model.get('keypoint_on', False):
+        not_evaluated = keypoints.ground_truth_problem(coco_gt, int(cfg.model.num_keypoints))
+        if not_evaluated is None:
+            keypoints.prepare_ground_truth(coco_gt)
+            iou_types += ('keypoints',)
+            kpt_oks_sigmas = keypoints.oks_sigmas(keypoints.keypoint_names(coco_gt),
+                                                  cfg.data.get('keypoint_oks_sigmas', ()))
+        else:
+            where = ground_truth.ground_truth_path(cfg, split) or f'the {split} split'
+            print(f'keypoint AP not computed: {not_evaluated} ({where}); '
+                  + ('box and mask AP only' if cfg.model.mask_on else 'box AP only'), flush=True)
     skipped: list[tuple[Any, str]] = []
 
     def on_error(key, e):
@@ -58,7 +76,7 @@ def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', m
     # masks are pasted as the model's reference pastes them (conventions.mask_paste)
     evaluator = CocoEvaluator(coco_gt, iou_types, backend=backend or cfg.eval.backend, num_workers=2,
                               paste_rule=predictor.conventions.mask_paste,
-                              verbose=verbose)
+                              kpt_oks_sigmas=kpt_oks_sigmas, verbose=verbose)
     with evaluator, tqdm(total=total, desc=f'eval {split}', unit='img', disable=not progress) as bar:
         for image_id, pred in predictor.predict_iter(items, on_error=on_error):
             evaluator.add(image_id, pred)
@@ -71,6 +89,8 @@ def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', m
             evaluator.write_results(out / 'results.json')
     metrics = dict(metrics)
     metrics.update(num_images=len(evaluator.image_ids), skipped=len(skipped), seconds=time.time() - t0)
+    if not_evaluated is not None:
+        metrics['keypoints_not_evaluated'] = not_evaluated
     if skipped:
         log.warning('%d image(s) could not be read and were skipped', len(skipped))
     if out_dir is not None:

@@ -32,7 +32,8 @@ from mrcnn_jax.training.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ('images', 'image_info', 'gt_boxes', 'gt_classes', 'gt_valid', 'gt_is_crowd', 'gt_masks')
+MODEL_KEYS = ('images', 'image_info', 'gt_boxes', 'gt_classes', 'gt_valid', 'gt_is_crowd', 'gt_masks',
+              'gt_keypoints')
 # Test hook: SIGKILL this process right after the given step (pending checkpoints finished first).
 _KILL_ENV = 'MRCNN_JAX_SIGKILL_AFTER_STEP'
 
@@ -294,6 +295,10 @@ def export_model_dir(cfg, state: ts.TrainState, path, dataset=None) -> pathlib.P
         meta['label_ids'] = [0] + [int(c) for c in md['category_ids']]
         names = md.get('category_names') or [str(c) for c in md['category_ids']]
         meta['class_names'] = ['__background__'] + list(names)
+    if cfg.model.keypoint_on:   # what `predict` draws the skeleton with
+        for key in ('keypoint_names', 'keypoint_skeleton'):
+            if md.get(key):
+                meta[key] = [list(v) if isinstance(v, (list, tuple)) else v for v in md[key]]
     variables = jax.device_get(state.variables)
     # Every process calls it: orbax's save is collective (barriers; the primary host writes),
     # so a process-0-only call waits forever for the others.
