@@ -25,7 +25,10 @@ say so:
   * C4 (`Res5ROIHeads`): the backbone's keys have no `bottom_up.` and stop at res4; res5 is
     `roi_heads.res5.*` (our `roi_heads/res5/block{j}`). Cascade: stage k's `box_head.{k}` and
     `box_predictor.{k}` are our `box_heads_{k}` / `box_predictors_{k}`; its regression is
-    class-agnostic (4 rows, no background slot to add).
+    class-agnostic (4 rows, no background slot to add);
+  * Keypoint R-CNN (`KRCNNConvDeconvUpsampleHead`): `roi_heads.keypoint_head.conv_fcn{i}` are our
+    `keypoint_head/conv_fcn{i}`, its ConvTranspose2d `score_lowres` our `score_lowres_kernel` /
+    `_bias` (no class dimension: keypoints are per RoI, whatever its class).
 """
 
 from __future__ import annotations
@@ -167,6 +170,12 @@ def _expected_keys(cfg: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]
         m['roi_heads.mask_head.deconv.bias'] = mask + ('conv5_mask_bias',)
         m['roi_heads.mask_head.predictor.weight'] = mask + ('mask_fcn_logits_kernel',)
         m['roi_heads.mask_head.predictor.bias'] = mask + ('mask_fcn_logits_bias',)
+    if cfg.keypoint_on:   # KRCNNConvDeconvUpsampleHead
+        kp = ('params', 'roi_heads', 'keypoint_head')
+        for i in range(cfg.roi.keypoint_head_convs):
+            linear(f'roi_heads.keypoint_head.conv_fcn{i + 1}', kp[1:] + (f'conv_fcn{i + 1}',))
+        m['roi_heads.keypoint_head.score_lowres.weight'] = kp + ('score_lowres_kernel',)
+        m['roi_heads.keypoint_head.score_lowres.bias'] = kp + ('score_lowres_bias',)
     return m
 
 
@@ -198,7 +207,7 @@ def _to_flax(key: str, v: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndar
         v = _with_background(v, k, 4)          # Cascade's regression is class-agnostic: 4 rows
     elif key.startswith('roi_heads.mask_head.predictor.'):
         v = _with_background(v, k, 1)
-    if key == 'roi_heads.mask_head.deconv.weight':
+    if key in ('roi_heads.mask_head.deconv.weight', 'roi_heads.keypoint_head.score_lowres.weight'):
         return np.transpose(v, (2, 3, 0, 1))           # [in, out, kh, kw] -> [kh, kw, in, out]
     if key == 'roi_heads.mask_head.predictor.weight':
         return v[:, :, 0, 0].T

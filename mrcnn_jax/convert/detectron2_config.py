@@ -5,14 +5,22 @@ Detectron2 builds its model from a yaml file (with `_BASE_` chains) on top of it
 imported) over the subset of those defaults that decide the architecture and its pre- and
 post-processing (`_DEFAULTS`), and map each key onto our config (`config_from_yaml`). Every key
 the chain sets is accounted for: read, checked against the one value we support (`_REQUIRE`,
-per architecture `_ARCHITECTURES`: FPN, C4 and Cascade; e.g. deformable convolution, norms in the
+per architecture `_ARCHITECTURES`: FPN, C4 and Cascade, each with or without masks, FPN and
+Cascade with or without Keypoint R-CNN's keypoint head; e.g. deformable convolution, norms in the
 heads, or an FPN backbone under Res5ROIHeads are refused with the key named),
 or ignored because it only concerns Detectron2's solver, data loader or logging (`_IGNORED`).
 Anything else is an error naming the key, so an unsupported feature never loads silently.
 
 The labels our model outputs are 1..K; Detectron2's class i is our label i + 1. When the config
 trains on a COCO split, `label_ids` maps label i + 1 to the COCO category id of Detectron2's
-contiguous class i (the sorted category ids, as Detectron2's COCO metadata).
+contiguous class i (the sorted category ids, as Detectron2's COCO metadata); on a COCO
+person-keypoint split ('keypoints_coco_2017_train', NUM_CLASSES 1) label 1 is category 1, person.
+
+Keypoints: Detectron2's COCO loader adds 0.5 to every keypoint's x and y (pixel indices ->
+continuous coordinates) and its COCOEvaluator subtracts 0.5 before writing results. Its models
+are trained, and predict, in that continuous frame, and `Predictor` returns what Detectron2's
+model returns (`pred_keypoints` in original pixels, continuous frame). Scoring a Detectron2
+model's keypoints against COCO's json therefore needs the same -0.5 as COCOEvaluator.
 The checkpoint side is `convert/detectron2.py`.
 """
 
@@ -120,6 +128,15 @@ _DEFAULTS: dict[str, Any] = {
     'MODEL.ROI_MASK_HEAD.NORM': '',
     'MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK': False,
     'MODEL.ROI_MASK_HEAD.POOLER_TYPE': 'ROIAlignV2',
+    'MODEL.ROI_KEYPOINT_HEAD.NAME': 'KRCNNConvDeconvUpsampleHead',
+    'MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION': 14,
+    'MODEL.ROI_KEYPOINT_HEAD.POOLER_SAMPLING_RATIO': 0,
+    'MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE': 'ROIAlignV2',
+    'MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS': [512] * 8,
+    'MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS': 17,
+    'MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS': True,
+    'MODEL.ROI_KEYPOINT_HEAD.LOSS_WEIGHT': 1.0,
+    'TEST.KEYPOINT_OKS_SIGMAS': [],
     'INPUT.MIN_SIZE_TRAIN': [800],
     'INPUT.MIN_SIZE_TRAIN_SAMPLING': 'choice',
     'INPUT.MAX_SIZE_TRAIN': 1333,
@@ -139,7 +156,6 @@ _FPN_FEATURES = ['res2', 'res3', 'res4', 'res5']
 # values for FPN Mask R-CNN; `_ARCHITECTURES` changes some for C4 and Cascade.
 _REQUIRE: dict[str, Any] = {
     'MODEL.META_ARCHITECTURE': 'GeneralizedRCNN',
-    'MODEL.KEYPOINT_ON': False,
     'MODEL.LOAD_PROPOSALS': False,
     'MODEL.BACKBONE.NAME': 'build_resnet_fpn_backbone',
     'MODEL.RESNETS.OUT_FEATURES': _FPN_FEATURES,
@@ -177,6 +193,11 @@ _REQUIRE: dict[str, Any] = {
     'MODEL.ROI_MASK_HEAD.NAME': 'MaskRCNNConvUpsampleHead',
     'MODEL.ROI_MASK_HEAD.NORM': '',
     'MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK': False,
+    # Keypoint R-CNN: the one head we build, its loss as `training/losses.py` averages it (mean
+    # cross entropy over the visible keypoints: Detectron2's default normalizer) with weight 1
+    'MODEL.ROI_KEYPOINT_HEAD.NAME': 'KRCNNConvDeconvUpsampleHead',
+    'MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS': True,
+    'MODEL.ROI_KEYPOINT_HEAD.LOSS_WEIGHT': 1.0,
     'INPUT.MIN_SIZE_TRAIN_SAMPLING': 'choice',
     'INPUT.CROP.ENABLED': False,
 }
@@ -192,6 +213,7 @@ _ARCHITECTURES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
         'MODEL.RESNETS.OUT_FEATURES': ['res4'],
         'MODEL.RPN.IN_FEATURES': ['res4'],
         'MODEL.ROI_HEADS.IN_FEATURES': ['res4'],
+        'MODEL.KEYPOINT_ON': False,          # Res5ROIHeads asserts it
     }, _FPN_ONLY + ('MODEL.ROI_BOX_CASCADE_HEAD.', 'MODEL.ROI_BOX_HEAD.NAME', 'MODEL.ROI_BOX_HEAD.NUM_FC',
                     'MODEL.ROI_BOX_HEAD.NUM_CONV', 'MODEL.ROI_BOX_HEAD.NORM', 'MODEL.ROI_BOX_HEAD.FC_DIM',
                     'MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES', 'MODEL.ROI_MASK_HEAD.POOLER_')),
@@ -221,7 +243,8 @@ _IGNORED = ('SOLVER.', 'DATALOADER.', 'TEST.EVAL_PERIOD', 'TEST.EXPECTED_RESULTS
             'MODEL.WEIGHTS', 'MODEL.DEVICE', 'OUTPUT_DIR', 'SEED', 'CUDNN_BENCHMARK', 'VIS_PERIOD',
             'VERSION', 'GLOBAL.', 'FLOAT32_PRECISION', 'MODEL.RESNETS.DEFORM_MODULATED',
             'MODEL.RESNETS.DEFORM_NUM_GROUPS', 'MODEL.ROI_BOX_HEAD.CONV_DIM', 'INPUT.MASK_FORMAT',
-            'MODEL.ROI_BOX_HEAD.FED_LOSS', 'MODEL.ANCHOR_GENERATOR.ANGLES')
+            'MODEL.ROI_BOX_HEAD.FED_LOSS', 'MODEL.ANCHOR_GENERATOR.ANGLES',
+            'MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE')   # the data loader's image filter
 
 
 def _decode(v):
@@ -318,21 +341,51 @@ def _check_keys(path, chain: Mapping[str, Any], merged: Mapping[str, Any], requi
                                         f'supported with {merged["MODEL.ROI_HEADS.NAME"]} (supported: {value!r})')
 
 
-def is_coco_split(names) -> bool:
-    """Whether Detectron2 dataset names are COCO instance splits (labels -> COCO category ids)."""
+def is_coco_split(names, keypoints: bool = False) -> bool:
+    """Whether Detectron2 dataset names are COCO instance splits (labels -> COCO category ids),
+    or with `keypoints` COCO person-keypoint splits ('keypoints_coco_2017_train': one class,
+    person, COCO category 1)."""
     names = [names] if isinstance(names, str) else list(names)
-    return bool(names) and all(re.fullmatch(r'coco_20(14|17)_[a-z_]+', n) for n in names)
+    prefix = 'keypoints_' if keypoints else ''
+    return bool(names) and all(re.fullmatch(prefix + r'coco_20(14|17)_[a-z_0-9]+', n) for n in names)
 
 
-def coco_labels(num_classes: int) -> tuple[list[int], list[str]]:
+def coco_labels(num_classes: int, keypoints: bool = False) -> tuple[list[int], list[str]]:
     """label_ids / class_names of a K + 1-class model trained on COCO by Detectron2: Detectron2's
-    contiguous class i is the i-th smallest COCO category id."""
+    contiguous class i is the i-th smallest COCO category id (of the person-keypoint splits'
+    one category, person, with `keypoints`)."""
     from mrcnn_jax.coco_categories import COCO_CATEGORY_NAMES
     ids = [i for i, n in enumerate(COCO_CATEGORY_NAMES) if i > 0 and n != 'N/A']
+    if keypoints:
+        ids = [COCO_CATEGORY_NAMES.index('person')]
     if num_classes - 1 != len(ids):
         raise Detectron2ConfigError(f'a COCO split has {len(ids)} classes but the config has '
                                     f'ROI_HEADS.NUM_CLASSES = {num_classes - 1}')
     return [0] + ids, ['__background__'] + [COCO_CATEGORY_NAMES[i] for i in ids]
+
+
+def _keypoint_head(path, g, cfg: ml_collections.ConfigDict, need) -> None:
+    """Keypoint R-CNN's head (KRCNNConvDeconvUpsampleHead): CONV_DIMS 3x3 convs of one width on
+    POOLER_RESOLUTION RoIAlign features, then the deconv and 2x upsample to NUM_KEYPOINTS heatmaps.
+    The data carries that many keypoints; TEST.KEYPOINT_OKS_SIGMAS (if set) become the keypoint
+    AP's sigmas. MIN_KEYPOINTS_PER_IMAGE is Detectron2's data-loader filter (ignored)."""
+    m, h = cfg.model, cfg.model.roi
+    m.num_keypoints = int(g('MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS'))
+    need(m.num_keypoints > 0, 'MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS')
+    dims = [int(v) for v in g('MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS')]
+    # our head has one width for all its convs (every zoo config: 8 x 512)
+    need(all(d == dims[0] and d > 0 for d in dims), 'MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS')
+    h.keypoint_head_convs = len(dims)
+    if dims:
+        h.keypoint_head_channels = dims[0]
+    h.keypoint_pool_size = int(g('MODEL.ROI_KEYPOINT_HEAD.POOLER_RESOLUTION'))
+    cfg.data.keypoints = True
+    cfg.data.num_keypoints = m.num_keypoints
+    sigmas = [float(v) for v in g('TEST.KEYPOINT_OKS_SIGMAS') or []]
+    if sigmas and len(sigmas) != m.num_keypoints:
+        raise Detectron2ConfigError(f'{path}: TEST.KEYPOINT_OKS_SIGMAS has {len(sigmas)} values for '
+                                    f'{m.num_keypoints} keypoints (ROI_KEYPOINT_HEAD.NUM_KEYPOINTS)')
+    cfg.data.keypoint_oks_sigmas = tuple(sigmas)
 
 
 def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
@@ -376,9 +429,12 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
     conv.roi_align_aligned = box_pool == 'ROIAlignV2'
     conv.sampling_ratio = int(g('MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO'))
     m.mask_on = bool(g('MODEL.MASK_ON'))
-    if m.mask_on and heads != 'res5':   # one RoIAlign convention for both poolers
+    m.keypoint_on = bool(g('MODEL.KEYPOINT_ON'))
+    # one RoIAlign convention for every pooler (C4's mask head reads the box pooler's features)
+    for head, on in (('ROI_MASK_HEAD', m.mask_on and heads != 'res5'), ('ROI_KEYPOINT_HEAD', m.keypoint_on)):
         for key, value in (('POOLER_TYPE', box_pool), ('POOLER_SAMPLING_RATIO', conv.sampling_ratio)):
-            need(_norm(g(f'MODEL.ROI_MASK_HEAD.{key}')) == _norm(value), f'MODEL.ROI_MASK_HEAD.{key}')
+            if on:
+                need(_norm(g(f'MODEL.{head}.{key}')) == _norm(value), f'MODEL.{head}.{key}')
 
     b = m.backbone
     b.depth = int(g('MODEL.RESNETS.DEPTH'))
@@ -462,6 +518,8 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
         h.mask_resolution = 2 * h.mask_pool_size
         h.mask_head_convs = int(g('MODEL.ROI_MASK_HEAD.NUM_CONV'))
         h.mask_head_channels = int(g('MODEL.ROI_MASK_HEAD.CONV_DIM'))
+    if m.keypoint_on:
+        _keypoint_head(path, g, cfg, need)
 
     d = cfg.data
     d.test_min_size = int(g('INPUT.MIN_SIZE_TEST'))
@@ -475,8 +533,9 @@ def config_from_yaml(path) -> tuple[ml_collections.ConfigDict, dict]:
 
     conventions.Conventions.from_config(conv)     # type-checks the group
     datasets = list(g('DATASETS.TRAIN') or [])
-    if is_coco_split(datasets):
-        label_ids, names = coco_labels(m.num_classes)
+    coco_keypoints = is_coco_split(datasets, keypoints=True)
+    if is_coco_split(datasets) or coco_keypoints:
+        label_ids, names = coco_labels(m.num_classes, keypoints=coco_keypoints)
         labels = 'coco_category_id'
         d.class_index = 'contiguous'
     else:

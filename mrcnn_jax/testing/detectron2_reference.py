@@ -36,7 +36,9 @@ The reference runs as users run Detectron2:
         from the 0.05 threshold (>= 3e-4 on the test photos); class-specific deltas of std
         `box_delta_std` (0.5, i.e. 0.05 / 0.1 after Detectron2's (10, 10, 5, 5) weights);
       - the mask predictor's logits to std `mask_logit_std` (3; the std-0.001 init gives
-        probabilities of 0.5 everywhere, which makes the 0.5 threshold a coin toss).
+        probabilities of 0.5 everywhere, which makes the 0.5 threshold a coin toss);
+      - Keypoint R-CNN's heatmap logits to std `keypoint_logit_std` (3). These two per-RoI
+        branches are `detectron2_heads.py`'s.
     The head scales are set from Detectron2's own float32 error (its float32 run against a
     float64 copy of the same model): it must stay well below the parity tolerances, or a
     comparison with any other float32 implementation measures rounding. With class logits of
@@ -369,25 +371,6 @@ def _with_boxes(instances, boxes):
     return out
 
 
-def _calibrate_mask_predictor(model, cache, detections, logit_std: float) -> None:
-    """Mask logits (all classes, on the calibration photos' detections) to std `logit_std`."""
-    import torch
-    layer = model.roi_heads.mask_head.predictor
-    logits = []
-    hook = layer.register_forward_hook(lambda m, a, o: logits.append(o))
-    try:
-        for (_, feats), inst in zip(cache, detections):
-            if len(inst):
-                model.roi_heads.forward_with_given_boxes(feats, [inst])
-    finally:
-        hook.remove()
-    if not logits:
-        raise ValueError('no detections on the calibration photos to calibrate the mask head on')
-    scale = logit_std / torch.cat([l.flatten() for l in logits]).std()
-    layer.weight.mul_(scale)
-    layer.bias.mul_(scale)
-
-
 def fold_frozen_bn(model) -> None:
     """Fold every FrozenBN's statistics into its weight / bias (mean 0, var 1), as in the model
     zoo's checkpoints: y = x * w' / sqrt(1 + eps) + b' computes what the calibrated BN computed."""
@@ -407,13 +390,15 @@ def build_calibrated_detectron2(cfg, seed: int = 0, calibration_images: Sequence
                                 residual_scale: float = 0.5, rpn_logit_std: float = 2.0,
                                 rpn_delta_std: float = 0.05, cls_logit_std: float = 2.0,
                                 detections: float = 40, box_delta_std: float = 0.5, mask_logit_std: float = 3.0,
-                                fold_bn: bool = False):
+                                keypoint_logit_std: float = 3.0, fold_bn: bool = False):
     """An eval-mode Detectron2 model (`build_model(cfg)`) with seeded random weights calibrated on
     `calibration_images` (BGR uint8 photos, at cfg's test sizing) into a trained network's regime;
     see the module docstring."""
     import torch
     import_detectron2()
     from detectron2.modeling import build_model
+
+    from mrcnn_jax.testing import detectron2_heads as heads
     if len(calibration_images) == 0:
         raise ValueError('calibration_images: give at least one photo (BGR uint8)')
     torch.manual_seed(seed)
@@ -430,7 +415,9 @@ def build_calibrated_detectron2(cfg, seed: int = 0, calibration_images: Sequence
             _calibrate_res5(model, cache, gen, residual_scale)
         _, dets = _calibrate_box_predictor(model, cache, gen, cls_logit_std, detections, box_delta_std)
         if cfg.MODEL.MASK_ON:
-            _calibrate_mask_predictor(model, cache, dets, mask_logit_std)
+            heads.calibrate_mask_logits(model, cache, dets, mask_logit_std)
+        if cfg.MODEL.KEYPOINT_ON:
+            heads.calibrate_keypoint_logits(model, cache, dets, keypoint_logit_std)
         if fold_bn:
             fold_frozen_bn(model)
     return model
@@ -529,9 +516,10 @@ def run_stages(predictor, image_bgr: np.ndarray) -> dict:
       proposals    [N, 4] RPN proposals in the resized frame, in Detectron2's order (by logit),
       proposal_logits [N];
       raw          RoI heads' output in the resized frame: boxes, scores, classes (0-based, no
-                   background), mask_probs [N, 28, 28] (the detection class's sigmoid);
+                   background), mask_probs [N, 28, 28] (the detection class's sigmoid), keypoints
+                   [N, K, 2], keypoint_scores [N, K], heatmaps [N, K, 56, 56] (Keypoint R-CNN);
       final        what DefaultPredictor returns, in original pixels: boxes, scores, classes,
-                   masks [N, H, W] bool (pasted, >= 0.5).
+                   masks [N, H, W] bool (pasted, >= 0.5), keypoints, keypoint_scores.
     """
     import torch
     model = predictor.model
@@ -560,12 +548,15 @@ def run_stages(predictor, image_bgr: np.ndarray) -> dict:
     finally:
         for h in hooks:
             h.remove()
+    from mrcnn_jax.testing.detectron2_heads import keypoint_fields
     raw = got.pop('raw')
-    got['raw'] = {'boxes': raw['pred_boxes'], 'scores': raw['scores'], 'classes': raw['pred_classes']}
+    got['raw'] = {'boxes': raw['pred_boxes'], 'scores': raw['scores'], 'classes': raw['pred_classes'],
+                  **keypoint_fields(raw)}
     if 'pred_masks' in raw:
         got['raw']['mask_probs'] = raw['pred_masks'][:, 0]
     f = _instances_numpy(final)
-    got['final'] = {'boxes': f['pred_boxes'], 'scores': f['scores'], 'classes': f['pred_classes']}
+    got['final'] = {'boxes': f['pred_boxes'], 'scores': f['scores'], 'classes': f['pred_classes'],
+                    **keypoint_fields(f)}
     if 'pred_masks' in f:
         got['final']['masks'] = f['pred_masks']
     return got
@@ -594,4 +585,5 @@ def calibration_report(stages: dict) -> dict[str, float]:
         p = raw['mask_probs']
         rep['mask_unsaturated'] = float(((p > 0.05) & (p < 0.95)).mean())
         rep['mask_fg_fraction'] = float((p >= 0.5).mean())
-    return rep
+    from mrcnn_jax.testing.detectron2_heads import keypoint_report
+    return {**rep, **keypoint_report(raw)}

@@ -139,6 +139,83 @@ def test_c4_and_cascade_zoo_configs(name, depth, config_file):
         assert ours == m, config_file
 
 
+KEYPOINTS = ZOO / 'COCO-Keypoints'
+
+
+@pytest.mark.parametrize('name, depth, groups', [('keypoint_rcnn_R_50_FPN_3x.yaml', 50, 1),
+                                                 ('keypoint_rcnn_R_101_FPN_3x.yaml', 101, 1),
+                                                 ('keypoint_rcnn_X_101_32x8d_FPN_3x.yaml', 101, 32)])
+def test_keypoint_zoo_configs(name, depth, groups):
+    """Keypoint R-CNN (Base-Keypoint-RCNN-FPN.yaml): the keypoint head's settings, one class
+    (person: COCO category 1 on Detectron2's keypoints_coco_* splits), no masks, the yaml's box
+    smooth-L1 beta 0.5 in the conventions, 1500 training proposals; R50's config file builds the
+    same model."""
+    from mrcnn_jax.config import load_config
+    from mrcnn_jax.models.conventions import Conventions
+    cfg, info = d2c.config_from_yaml(KEYPOINTS / name)
+    m = cfg.model
+    assert (m.backbone.depth, m.backbone.groups) == (depth, groups) and m.roi.heads == 'standard'
+    assert m.keypoint_on and not m.mask_on and m.num_keypoints == 17 and m.num_classes == 2
+    assert (m.roi.keypoint_head_convs, m.roi.keypoint_head_channels, m.roi.keypoint_pool_size) == (8, 512, 14)
+    conv = Conventions.from_config(m.conventions)
+    assert conv.box_smooth_l1_beta == 0.5 and conv.rpn_smooth_l1_beta == 0.0
+    assert conv.keypoint_score == 'pool_softmax' and conv.roi_align_aligned and conv.sampling_ratio == 0
+    assert m.rpn.post_nms_topk_train == 1500 and m.rpn.post_nms_topk_test == 1000
+    assert cfg.data.keypoints and cfg.data.num_keypoints == 17 and tuple(cfg.data.keypoint_oks_sigmas) == ()
+    assert info['labels'] == 'coco_category_id' and info['label_ids'] == [0, 1]
+    assert info['class_names'] == ['__background__', 'person']
+    if depth == 50:
+        ours = load_config(pathlib.Path(__file__).resolve().parents[2] / 'configs' /
+                           'keypoint_rcnn_r50_fpn_detectron2.py')
+        assert Conventions.from_config(ours.model.conventions) == conv
+        a, b = ours.model.to_dict(), m.to_dict()
+        a.pop('conventions'), b.pop('conventions')
+        assert a == b
+        assert ours.data.keypoints and ours.data.num_keypoints == 17
+
+
+def test_keypoint_settings(tmp_path):
+    """KEYPOINT_ON on a Mask R-CNN yaml (masks and keypoints), the head's width and depth from
+    CONV_DIMS, OKS sigmas recorded, the data loader's MIN_KEYPOINTS_PER_IMAGE ignored, another
+    dataset's labels; a keypoint yaml that turns KEYPOINT_ON off reads none of its head's keys."""
+    sigmas = ', '.join(['0.05'] * 5)
+    path = _write_yaml(tmp_path / 'kp.yaml', R50, 'MODEL:\n  KEYPOINT_ON: True\n  ROI_HEADS:\n    NUM_CLASSES: 1\n'
+                       '  ROI_KEYPOINT_HEAD:\n    NUM_KEYPOINTS: 5\n    CONV_DIMS: [64, 64, 64]\n'
+                       '    POOLER_RESOLUTION: 7\n    MIN_KEYPOINTS_PER_IMAGE: 3\n'
+                       f'TEST:\n  KEYPOINT_OKS_SIGMAS: [{sigmas}]\nDATASETS:\n  TRAIN: ("hands_train",)\n')
+    cfg, info = d2c.config_from_yaml(path)
+    m = cfg.model
+    assert m.mask_on and m.keypoint_on and m.num_keypoints == 5 and cfg.data.num_keypoints == 5
+    assert (m.roi.keypoint_head_convs, m.roi.keypoint_head_channels, m.roi.keypoint_pool_size) == (3, 64, 7)
+    assert tuple(cfg.data.keypoint_oks_sigmas) == (0.05,) * 5
+    assert info['labels'] == 'detectron2_class_index' and info['label_ids'] == [-1, 0]
+    path = _write_yaml(tmp_path / 'off.yaml', KEYPOINTS / 'keypoint_rcnn_R_50_FPN_3x.yaml',
+                       'MODEL:\n  KEYPOINT_ON: False\n  ROI_KEYPOINT_HEAD:\n    NAME: "Other"\n')
+    assert not d2c.config_from_yaml(path)[0].model.keypoint_on
+
+
+@pytest.mark.parametrize('body, key', [
+    ('NAME: "MyKeypointHead"', 'MODEL.ROI_KEYPOINT_HEAD.NAME'),
+    ('NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS: False', 'NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS'),
+    ('LOSS_WEIGHT: 4.0', 'MODEL.ROI_KEYPOINT_HEAD.LOSS_WEIGHT'),
+    ('CONV_DIMS: [512, 256]', 'MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS'),
+    ('POOLER_TYPE: "ROIAlign"', 'MODEL.ROI_KEYPOINT_HEAD.POOLER_TYPE'),
+    ('POOLER_SAMPLING_RATIO: 2', 'MODEL.ROI_KEYPOINT_HEAD.POOLER_SAMPLING_RATIO'),
+    ('NUM_KEYPOINTS: 0', 'MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS'),
+    ('NORM: "GN"', 'MODEL.ROI_KEYPOINT_HEAD.NORM'),
+])
+def test_unsupported_keypoint_keys_are_named(tmp_path, body, key):
+    path = _write_yaml(tmp_path / 'kp.yaml', KEYPOINTS / 'keypoint_rcnn_R_50_FPN_3x.yaml',
+                       f'MODEL:\n  ROI_KEYPOINT_HEAD:\n    {body}\n')
+    with pytest.raises(Detectron2ConfigError) as e:
+        d2c.config_from_yaml(path)
+    assert key in str(e.value) and 'kp.yaml' in str(e.value) and '\n' not in str(e.value)
+    path = _write_yaml(tmp_path / 'sigmas.yaml', KEYPOINTS / 'keypoint_rcnn_R_50_FPN_3x.yaml',
+                       'TEST:\n  KEYPOINT_OKS_SIGMAS: [0.1, 0.2]\n')
+    with pytest.raises(Detectron2ConfigError, match='KEYPOINT_OKS_SIGMAS has 2 values for 17 keypoints'):
+        d2c.config_from_yaml(path)
+
+
 @pytest.mark.parametrize('config, body, keys', [
     # Res5ROIHeads on an FPN backbone, StandardROIHeads on C4: the first key that does not fit
     (R50, 'MODEL:\n  ROI_HEADS:\n    NAME: "Res5ROIHeads"\n', ('MODEL.BACKBONE.NAME', 'Res5ROIHeads')),
@@ -149,6 +226,9 @@ def test_c4_and_cascade_zoo_configs(name, depth, config_file):
     (ZOO / 'Misc' / 'cascade_mask_rcnn_R_50_FPN_3x.yaml',
      'MODEL:\n  ROI_BOX_HEAD:\n    CLS_AGNOSTIC_BBOX_REG: False\n', ('CLS_AGNOSTIC_BBOX_REG', 'CascadeROIHeads')),
     (R50, 'MODEL:\n  ROI_HEADS:\n    NAME: "PointRendROIHeads"\n', ('MODEL.ROI_HEADS.NAME', 'PointRendROIHeads')),
+    # Res5ROIHeads has no keypoint branch (Detectron2 asserts it)
+    (ZOO / 'COCO-InstanceSegmentation' / 'mask_rcnn_R_50_C4_3x.yaml', 'MODEL:\n  KEYPOINT_ON: True\n',
+     ('MODEL.KEYPOINT_ON', 'Res5ROIHeads')),
 ])
 def test_incompatible_heads_are_one_line_errors(tmp_path, config, body, keys):
     path = _write_yaml(tmp_path / 'mixed.yaml', config, body)
@@ -160,7 +240,6 @@ def test_incompatible_heads_are_one_line_errors(tmp_path, config, body, keys):
 
 @pytest.mark.parametrize('config, key', [
     ('Misc/mask_rcnn_R_50_FPN_3x_dconv_c3-c5.yaml', 'MODEL.RESNETS.DEFORM_ON_PER_STAGE'),
-    ('COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml', 'MODEL.KEYPOINT_ON'),
     ('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_giou.yaml', 'BBOX_REG_LOSS_TYPE'),
     ('Misc/mask_rcnn_R_50_FPN_1x_cls_agnostic.yaml', 'CLS_AGNOSTIC_BBOX_REG'),
     ('COCO-InstanceSegmentation/mask_rcnn_R_50_DC5_3x.yaml', 'MODEL.'),
@@ -238,6 +317,53 @@ def test_convert_maps_keys_and_class_layout(small):
                                   sd['roi_heads.mask_head.deconv.weight'].transpose(2, 3, 0, 1))
     np.testing.assert_array_equal(v['params/rpn_head/cls_logits/bias'],
                                   sd['proposal_generator.rpn_head.objectness_logits.bias'])
+
+
+def test_convert_keypoint_head(tmp_path, capsys):
+    """KRCNNConvDeconvUpsampleHead's keys (a narrow head, 2 x 32 convs, on the keypoint zoo yaml):
+    conv_fcn{i} as convs, score_lowres (ConvTranspose2d [in, K, 4, 4]) to [4, 4, in, K]; one class
+    (person) with its background; `mrcnn-jax convert` writes a keypoint model directory (labels:
+    COCO category 1)."""
+    path = _write_yaml(tmp_path / 'kp.yaml', KEYPOINTS / 'keypoint_rcnn_R_50_FPN_3x.yaml',
+                       'MODEL:\n  ROI_KEYPOINT_HEAD:\n    CONV_DIMS: [32, 32]\n')
+    get_cfg, build_model = _detectron2()
+    d2cfg = get_cfg()
+    d2cfg.merge_from_file(str(path))
+    d2cfg.MODEL.DEVICE = 'cpu'
+    torch.manual_seed(0)
+    model = build_model(d2cfg).eval()
+    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    cfg, _ = d2c.config_from_yaml(path)
+    v = _flat(d2c.convert_state_dict(d2c.load_checkpoint(sd), cfg.model))
+    kp = 'params/roi_heads/keypoint_head/'
+    assert sorted(k[len(kp):] for k in v if k.startswith(kp)) == [
+        'conv_fcn1/bias', 'conv_fcn1/kernel', 'conv_fcn2/bias', 'conv_fcn2/kernel', 'score_lowres_bias',
+        'score_lowres_kernel']
+    np.testing.assert_array_equal(v[kp + 'conv_fcn2/kernel'],
+                                  sd['roi_heads.keypoint_head.conv_fcn2.weight'].transpose(2, 3, 1, 0))
+    assert sd['roi_heads.keypoint_head.score_lowres.weight'].shape == (32, 17, 4, 4)
+    np.testing.assert_array_equal(v[kp + 'score_lowres_kernel'],
+                                  sd['roi_heads.keypoint_head.score_lowres.weight'].transpose(2, 3, 0, 1))
+    np.testing.assert_array_equal(v[kp + 'score_lowres_bias'], sd['roi_heads.keypoint_head.score_lowres.bias'])
+    w = sd['roi_heads.box_predictor.cls_score.weight']      # [person, background]
+    np.testing.assert_array_equal(v['params/roi_heads/box_predictor/cls_score/kernel'], w[::-1].T)
+    assert not any('mask_head' in k for k in v)
+    bad = dict(sd)
+    del bad['roi_heads.keypoint_head.score_lowres.bias']
+    with pytest.raises(StateDictError, match='missing keys \\(1\\): roi_heads.keypoint_head.score_lowres.bias'):
+        d2c.convert_state_dict(bad, cfg.model)
+
+    from mrcnn_jax.cli import main
+    from mrcnn_jax.model_dir import load_model_dir
+    pkl = tmp_path / 'model_final.pkl'
+    with open(pkl, 'wb') as f:
+        pickle.dump({'model': sd, '__author__': 'mrcnn_jax tests', 'matching_heuristics': False}, f)
+    assert main(['convert', '--from', 'detectron2', str(pkl), str(tmp_path / 'out'), '--config-file', str(path)]) == 0
+    capsys.readouterr()
+    cfg2, variables, meta = load_model_dir(tmp_path / 'out')
+    assert cfg2.model.keypoint_on and cfg2.model.num_keypoints == 17 and cfg2.model.roi.keypoint_head_channels == 32
+    assert meta['label_space'] == 'coco_category_id' and meta['label_ids'] == [0, 1]
+    np.testing.assert_array_equal(_flat(variables)[kp + 'score_lowres_kernel'], v[kp + 'score_lowres_kernel'])
 
 
 def test_pkl_pth_and_state_dict_forms_agree(small, tmp_path):

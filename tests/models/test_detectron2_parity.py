@@ -4,7 +4,7 @@ Detectron2's own model (its vendored source, `detectron2.modeling.build_model` o
 gets seeded random weights calibrated into a trained network's regime on the test photos
 (`mrcnn_jax/testing/detectron2_reference.py`: FrozenBN statistics from the activations, RPN
 logits with a spread, a few dozen detections per photo with distinct scores spread over
-(0.05, 0.2-0.9), mask logits of std 3), is saved as a model-zoo .pkl and runs as users run it:
+(0.05, 0.2-0.9), mask logits of std 3, heatmap logits of std 5), is saved as a model-zoo .pkl and runs as users run it:
 `DefaultPredictor` with MODEL.WEIGHTS = that .pkl, on a BGR uint8 photo. Our side is what a user
 gets from the same .pkl and yaml: `Predictor.from_detectron2(pkl, config_file=yaml)`, on the RGB
 photo. Forward hooks keep Detectron2's stages; ours come from one compiled program
@@ -15,15 +15,20 @@ photo. Forward hooks keep Detectron2's stages; ours come from one compiled progr
     Detectron2's objectness logits within 1e-5, boxes within 1e-2 px, see PROPOSAL_BOX_ATOL);
   * detections in the resized frame: count, classes, order (rows whose scores tie within 1e-4
     may swap), scores 1e-4, boxes 1e-2 px; the raw 28x28 mask probabilities 1e-3 (MASK_PROB_ATOL);
+    Keypoint R-CNN: the raw 56 x 56 heatmaps 1e-4 relative, keypoints (the static-shape
+    `heatmaps_to_keypoints` against Detectron2's per-RoI bicubic resize + argmax) within 0.5 px and
+    Detectron2's keypoint score (`pred_keypoints[..., 2]`, the pool softmax) within 1e-3;
   * the public output in original pixels (our Predictor's host postprocess of those detections:
-    box rescale and clip, COCO category ids, pasted masks) against what DefaultPredictor returns:
-    boxes 1e-2 px, scores 1e-4, labels = the COCO ids of Detectron2's classes (from its own
-    metadata), masks IoU > 0.99 at 0.5; for R50, `Predictor.__call__` itself (device and host
-    paths) too.
-Configs: Mask R-CNN R50 / R101 / X101-32x8d FPN, Faster R-CNN R50 FPN, Mask R-CNN R50-C4 (res4
-features, res5 per RoI, 14 x 14 masks) and Cascade Mask R-CNN R50-FPN (3x), at reduced test
-sizes (one canvas bucket per config, larger than Detectron2's 32-padding on at least one side, so
-that the padding masks are exercised), and R50 Mask R-CNN once at the zoo's 800 / 1333.
+    box rescale and clip, COCO category ids, pasted masks, rescaled keypoints) against what
+    DefaultPredictor returns: boxes 1e-2 px, scores 1e-4, labels = the COCO ids of Detectron2's
+    classes (from its own metadata), masks IoU > 0.99 at 0.5, keypoints 0.5 px and scores 1e-3
+    (Detectron2's frame: its pred_keypoints, before COCOEvaluator's -0.5); for R50,
+    `Predictor.__call__` itself (device and host paths) too.
+Configs (3x): Mask R-CNN R50 / R101 / X101-32x8d FPN, Faster R-CNN R50 FPN, Mask R-CNN R50-C4
+(res4 features, res5 per RoI, 14 x 14 masks), Cascade Mask R-CNN R50-FPN and Keypoint R-CNN
+R50-FPN (one class, 17 keypoints; 9 people on one photo), at reduced test sizes (one canvas
+bucket per config, larger than Detectron2's 32-padding on at least one side, so that the padding
+masks are exercised), and R50 Mask R-CNN once at the zoo's 800 / 1333.
 `test_saturated_objectness`: Detectron2 ranks proposals by raw logit, also where float32 sigmoids
 tie at 1.0.
 """
@@ -52,12 +57,14 @@ from PIL import Image  # noqa: E402
 
 from mrcnn_jax import Predictor  # noqa: E402
 from mrcnn_jax.convert import detectron2 as d2c  # noqa: E402
+from mrcnn_jax.models.mask_rcnn import build_model  # noqa: E402
 from references import align_ties  # noqa: E402
 
 PHOTOS = {
     'landscape_odd_height': '000000000034.jpg',   # 425 x 640 (h x w)
     'portrait': '000000000072.jpg',               # 640 x 427
     'odd_sized': '000000000049.jpg',              # 500 x 381
+    'crowd': '000000000395.jpg',                  # 580 x 640, 9 people
 }
 # Raw 28x28 mask probabilities: RoIAlign'd on the detection boxes, which agree within ~1e-3 px
 # (float32 through 50-101 layers and the box decode); Detectron2's own float32 probabilities are up
@@ -70,6 +77,12 @@ MASK_PROB_ATOL = 1e-3
 # ones by up to 1.2e-3 px in R101 (5.8e-4 X101, 4.3e-4 R50), large proposals of a few hundred
 # pixels decoded from float32 features, so a 1e-3 bound would sit below the reference's own error.
 PROPOSAL_BOX_ATOL = 1e-2
+# Keypoint R-CNN, as the torchvision keypoint test: the raw heatmaps 1e-4 relative to their
+# largest logit, keypoints (the argmax of each RoI's bicubic resize) within 0.5 px, Detectron2's
+# keypoint score (the pool softmax) within 1e-3.
+HEATMAP_RTOL = 1e-4
+KEYPOINT_PX = 0.5
+KEYPOINT_SCORE_ATOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +96,14 @@ class Case:
     fold_bn: bool = False             # BN statistics folded into weight / bias, as in zoo files
     opts: tuple = ()                  # (key, value) overrides of the yaml, on both sides
     calibration: tuple = ()           # (name, value) arguments of d2r.build_calibrated_detectron2
+    min_classes: int = 5              # detections' classes: fewer is a degenerate comparison
+    roi_chunk: int = 0                # > 0: our stage program's model.roi.mask_roi_chunk (speed only)
 
 
 CASES = {
     # Three photos (h x w) on one 512 x 512 canvas: 320 x 482, 480 x 320, 420 x 320.
-    'R50': Case('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml', 320, 512, tuple(PHOTOS), (512, 512)),
+    'R50': Case('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml', 320, 512,
+                ('landscape_odd_height', 'portrait', 'odd_sized'), (512, 512)),
     # 500 x 381 (h x w) -> 504 x 384 (PIL upsamples), on a 512 x 384 canvas.
     'R101': Case('COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x.yaml', 384, 640, ('odd_sized',), (512, 384),
                  seed=1),
@@ -108,6 +124,14 @@ CASES = {
     # std 4 per stage give scores spread as far as the other configs' (std 2, one stage).
     'CascadeR50': Case('Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml', 320, 512, ('landscape_odd_height',),
                        (352, 512), seed=6, calibration=(('cls_logit_std', 4.0),)),
+    # Keypoint R-CNN: one class (person), no masks, 17 keypoints. 9 people, 580 x 640 (h x w) ->
+    # 320 x 353, padded to 320 x 384, on a 352 x 384 canvas. Heatmap logits of std 5: keypoint
+    # scores (Detectron2's pool softmax) of ~0.03 typical, up to ~1 (std 3: ~0.007).
+    # The keypoint head (8 convs of 512 channels on 14 x 14) costs ~3.7 GMAC per RoI, 25x the
+    # rest of the model on this photo: chunks of 8 RoIs, those without a detection skipped, keep
+    # it to the ~40 detections (once in `detect`, once for the raw heatmaps).
+    'KeypointR50': Case('COCO-Keypoints/keypoint_rcnn_R_50_FPN_3x.yaml', 320, 512, ('crowd',), (352, 384),
+                        seed=7, calibration=(('keypoint_logit_std', 5.0),), min_classes=1, roi_chunk=8),
 }
 FULL = Case('COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml', 800, 1333, ('landscape_odd_height',),
             (800, 1216), seed=4, fold_bn=True)
@@ -138,7 +162,11 @@ def photos(shared_data):
 def _stages(m, images, info):
     feats = m.features(images, info)
     boxes, scores, valid, _ = m.proposals(feats, info)
-    return feats, boxes, scores, valid, m.detect(feats, info)
+    det = m.detect(feats, info)
+    if m.keypoint_head is not None:    # the detections' raw heatmaps too
+        det = {**det, 'heatmaps': m.roi_heads.keypoint_predictions(feats, det['boxes'], m.padding(info),
+                                                                   active=det['valid'])}
+    return feats, boxes, scores, valid, det
 
 
 class Pair:
@@ -163,9 +191,17 @@ class Pair:
                                                    min_size=case.min_size, max_size=case.max_size,
                                                    buckets=[case.bucket])
         model = self.predictor.model
+        if case.roi_chunk:
+            cfg = copy.deepcopy(self.predictor.config.model)
+            cfg.roi.mask_roi_chunk = case.roi_chunk
+            model = build_model(cfg)
         self._fn = jax.jit(lambda v, im, inf: model.apply(v, im, inf, method=_stages))
         from detectron2.data import MetadataCatalog
-        to_contiguous = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).thing_dataset_id_to_contiguous_id
+        meta = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0])
+        # The keypoint splits' metadata gets its map when their json (one category: person, id 1)
+        # is loaded
+        to_contiguous = getattr(meta, 'thing_dataset_id_to_contiguous_id', None) or {1: 0}
+        assert len(to_contiguous) == len(meta.thing_classes)
         self.coco_ids = np.asarray([i for i, _ in sorted(to_contiguous.items(), key=lambda kv: kv[1])])
         self._references: dict[str, dict] = {}
         self.pkl.unlink()           # both sides have read it (X101's is 430 MB)
@@ -218,6 +254,35 @@ def _compare_final(out, final, coco_ids, where):
         ious = [_mask_iou(a, b) for a, b in zip(out['masks'], ref['masks'])]
         fig['worst_mask_iou'] = float(min(ious, default=1.0))
         assert fig['worst_mask_iou'] > 0.99, f'{where}: worst mask IoU {fig["worst_mask_iou"]:.4f}'
+    if 'keypoints' in ref:
+        kp = _compare_keypoints(out['keypoints'], out['keypoints_scores'], ref['keypoints'], ref['keypoint_scores'],
+                                where)
+        fig.update({f'final_{key}': v for key, v in kp.items()})
+    return fig
+
+
+def _compare_heatmaps(ours, theirs):
+    """The detections' raw 56 x 56 heatmap logits [k, K, 56, 56], relative to the largest."""
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    fig = {'heatmap_std': float(theirs.std()),
+           'heatmap_rel_err': float(np.abs(ours - theirs).max() / np.abs(theirs).max())}
+    assert fig['heatmap_std'] > 1.0, 'degenerate comparison: heatmap logits without spread'
+    assert fig['heatmap_rel_err'] < HEATMAP_RTOL, f'heatmaps: relative error {fig["heatmap_rel_err"]:.2e}'
+    return fig
+
+
+def _compare_keypoints(ours, scores, theirs, ref_scores, where):
+    """Keypoints [k, K, 3] (x, y, 1) and their scores [k, K] against Detectron2's pred_keypoints
+    [k, K, 2] (x, y) and scores (pool softmax, pred_keypoints[..., 2])."""
+    np.testing.assert_array_equal(ours[..., 2], 1.0, err_msg=where)
+    err = np.abs(ours[..., :2] - theirs).max(-1)
+    fig = {'keypoint_err': float(err.max(initial=0)),
+           'keypoints_moved': int((err > 0.01).sum()),     # argmax on another pixel: near-ties
+           'keypoint_score_err': float(np.abs(scores - ref_scores).max(initial=0)),
+           'keypoint_score_rel_err': float((np.abs(scores - ref_scores) / ref_scores).max(initial=0))}
+    assert fig['keypoint_err'] < KEYPOINT_PX, f'{where}: keypoints differ by {fig["keypoint_err"]:.3f} px'
+    assert fig['keypoint_score_err'] < KEYPOINT_SCORE_ATOL, \
+        f'{where}: keypoint scores differ by {fig["keypoint_score_err"]:.2e}'
     return fig
 
 
@@ -272,7 +337,7 @@ def compare(pair: Pair, image_rgb: np.ndarray, variables=None, ref=None, proposa
     assert k == len(raw['scores']), f'{k} detections vs Detectron2 {len(raw["scores"])}'
     assert k >= 20, 'degenerate comparison: too few detections'
     assert raw['scores'].max() - raw['scores'].min() > 0.15, 'degenerate comparison: scores do not spread'
-    assert len(set(raw['classes'].tolist())) >= 5, 'degenerate comparison: one class everywhere'
+    assert len(set(raw['classes'].tolist())) >= pair.case.min_classes, 'degenerate comparison: one class everywhere'
     perm = align_ties(det['scores'][0, :k], raw['scores'], det['boxes'][0, :k], raw['boxes'], tie=1e-4)
     np.testing.assert_array_equal(det['labels'][0, :k], raw['classes'][perm] + 1)
     fig['det_score_err'] = float(np.abs(det['scores'][0, :k] - raw['scores'][perm]).max())
@@ -286,10 +351,14 @@ def compare(pair: Pair, image_rgb: np.ndarray, variables=None, ref=None, proposa
         fig['mask_prob_err'] = float(np.abs(probs - ref_probs).max())
         fig['mask_unsaturated'] = float(((ref_probs > 0.05) & (ref_probs < 0.95)).mean())
         assert fig['mask_prob_err'] < MASK_PROB_ATOL, f'raw mask probabilities differ by {fig["mask_prob_err"]:.2e}'
+    if 'heatmaps' in raw:
+        fig.update(_compare_heatmaps(det['heatmaps'][0, :k], raw['heatmaps'][perm]))
+        fig.update(_compare_keypoints(det['keypoints'][0, :k], det['keypoints_scores'][0, :k],
+                                      raw['keypoints'][perm], raw['keypoint_scores'][perm], 'resized frame'))
 
     # The public output: our Predictor's host postprocess of these detections (what its host path
     # returns for this canvas) against DefaultPredictor's instances.
-    out = pair.predictor.postprocess({key: v[0] for key, v in det.items()}, info, paste=True)
+    out = pair.predictor.postprocess({key: v[0] for key, v in det.items() if key != 'heatmaps'}, info, paste=True)
     fig.update(_compare_final(out, ref['final'], pair.coco_ids, 'postprocess'))
     fig['final_detections'] = len(out['scores'])
     fig['score_range'] = (float(raw['scores'].min()), float(raw['scores'].max()))

@@ -1,9 +1,11 @@
 """Helpers of the Detectron2 loss-parity test (test_detectron2_loss_parity.py): its data path on
-real photos, our batch on the same tensor, proposal matching between the two sides, and the
-sampler that replays our choices inside Detectron2."""
+real photos (with synthetic keypoints on the people for Keypoint R-CNN), our batch on the same
+tensor, proposal matching between the two sides, the sampler that replays our choices inside
+Detectron2, and our loss functions on Detectron2's own predictions."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -16,6 +18,7 @@ from PIL import Image
 MAX_INSTANCES = 32
 MAX_TIES = 2            # proposals per image that float32 near-ties of NMS may give one side only
 MASK_SIZE = 112
+NUM_KEYPOINTS = 17
 
 
 def _load_photo(shared_data, name):
@@ -29,18 +32,43 @@ def _load_photo(shared_data, name):
     return image, objs
 
 
+def _with_keypoints(objs, seed):
+    """Copies of the objects (people) with COCO keypoints [x, y, v] * 17 in original pixels on
+    their boxes: mostly inside, 15% outside the box (Detectron2's data path unlabels those
+    outside the image), 20% unlabelled (v = 0), one on the box's right edge and one on its bottom
+    edge (x + w as BoxMode computes the corner, in float32: the GT box's own RoI is sampled, and
+    `keypoints_to_heatmap` puts x == x2 in the last cell); the last object's all unlabelled
+    (its RoIs leave Detectron2's keypoint head: `select_proposals_with_visible_keypoints`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j, a in enumerate(objs):
+        x, y, w, h = (np.float32(v) for v in a['bbox'])
+        xy = np.stack([x + rng.uniform(-0.15, 1.15, NUM_KEYPOINTS) * w,
+                       y + rng.uniform(-0.15, 1.15, NUM_KEYPOINTS) * h], axis=1).astype(np.float64)
+        xy[0, 0], xy[1, 1] = x + w, y + h
+        v = rng.choice([0.0, 1.0, 2.0], size=NUM_KEYPOINTS, p=[0.2, 0.3, 0.5])
+        if j == len(objs) - 1:
+            v[:] = 0
+        kps = np.concatenate([xy, v[:, None]], axis=1)
+        out.append({**a, 'keypoints': [float(c) for c in kps.ravel()]})
+    return out
+
+
 def _detectron2_inputs(d2cfg, photos, class_of):
     """Detectron2's DatasetMapper on each photo (training, no flip): the resized CHW BGR image and
-    its Instances (gt_boxes, 0-based gt_classes, gt_masks as BitMasks)."""
+    its Instances (gt_boxes, 0-based gt_classes, gt_masks as BitMasks with a mask head,
+    gt_keypoints with a keypoint head)."""
     resize = T.ResizeShortestEdge(d2cfg.INPUT.MIN_SIZE_TRAIN, d2cfg.INPUT.MAX_SIZE_TRAIN, 'choice')
     inputs = []
     for image, objs in photos:
         bgr = np.ascontiguousarray(image[:, :, ::-1])
         aug = T.AugInput(bgr)
-        tfms = resize(aug)
+        tfms = T.AugmentationList([resize])(aug)     # a TransformList, as DatasetMapper's
         annos = [d2_utils.transform_instance_annotations(
-            {'bbox': a['bbox'], 'bbox_mode': BoxMode.XYWH_ABS, 'segmentation': a['segmentation'],
-             'category_id': class_of[a['category_id']]}, tfms, aug.image.shape[:2]) for a in objs]
+            {'bbox': a['bbox'], 'bbox_mode': BoxMode.XYWH_ABS, 'category_id': class_of[a['category_id']],
+             **({'segmentation': a['segmentation']} if d2cfg.MODEL.MASK_ON else {}),
+             **({'keypoints': a['keypoints']} if d2cfg.MODEL.KEYPOINT_ON else {})},
+            tfms, aug.image.shape[:2]) for a in objs]
         inst = d2_utils.annotations_to_instances(annos, aug.image.shape[:2], mask_format='bitmask')
         inst = d2_utils.filter_empty_instances(inst)
         assert len(inst) == len(objs)
@@ -57,7 +85,8 @@ def _box_crops(masks, boxes, size):
 
 def _our_batch(photos, inputs, canvas, class_of):
     """Our padded batch on Detectron2's normalized, padded input tensor, with the same GT plus a
-    crowd box, a zero-width box and padding rows that Detectron2 never sees."""
+    crowd box, a zero-width box and padding rows that Detectron2 never sees (with labelled
+    keypoints, where the instances have keypoints)."""
     from mrcnn_jax.data.coco import segmentation_to_mask
     bsz = len(photos)
     gt_boxes = np.zeros((bsz, MAX_INSTANCES, 4), np.float32)
@@ -65,6 +94,7 @@ def _our_batch(photos, inputs, canvas, class_of):
     gt_crowd = np.zeros((bsz, MAX_INSTANCES), bool)
     gt_valid = np.zeros((bsz, MAX_INSTANCES), bool)
     gt_masks = np.zeros((bsz, MAX_INSTANCES, MASK_SIZE, MASK_SIZE), np.uint8)
+    gt_keypoints = np.zeros((bsz, MAX_INSTANCES, NUM_KEYPOINTS, 3), np.float32)
     info = np.zeros((bsz, 6), np.float32)
     for i, ((image, objs), x) in enumerate(zip(photos, inputs)):
         h, w = image.shape[:2]
@@ -83,10 +113,16 @@ def _our_batch(photos, inputs, canvas, class_of):
         gt_boxes[i, n + 1] = (100, 60, 100, 200)     # zero width: filtered before matching
         gt_classes[i, n + 1], gt_valid[i, n + 1] = 3, True
         gt_masks[i, n:n + 2] = 1
+        if inst.has('gt_keypoints'):     # Detectron2's, in the resized frame
+            gt_keypoints[i, :n] = inst.gt_keypoints.tensor.numpy()
+            gt_keypoints[i, n:n + 2] = (150, 100, 2)
         rh, rw = inst.image_size
         info[i] = (h, w, rh, rw, rh / h, rw / w)
-    return {'images': canvas, 'image_info': info, 'gt_boxes': gt_boxes, 'gt_classes': gt_classes,
-            'gt_is_crowd': gt_crowd, 'gt_valid': gt_valid, 'gt_masks': gt_masks}
+    batch = {'images': canvas, 'image_info': info, 'gt_boxes': gt_boxes, 'gt_classes': gt_classes,
+             'gt_is_crowd': gt_crowd, 'gt_valid': gt_valid, 'gt_masks': gt_masks}
+    if inputs[0]['instances'].has('gt_keypoints'):
+        batch['gt_keypoints'] = gt_keypoints
+    return batch
 
 
 def _iou(box, boxes):
@@ -188,3 +224,91 @@ def _grad_state_dict(model):
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return {k: (grads[k] if k in grads else torch.zeros_like(v)).detach().numpy()
             for k, v in model.state_dict().items()}
+
+
+def _loss_terms(cfg, seen, tg, batch, **overrides):
+    """Our loss functions (training/losses.py; training/targets.py for soft mask targets) on
+    Detectron2's own predictions with our sampled targets (which the test shows to be Detectron2's),
+    under cfg's conventions with `overrides`: what each convention is worth on this data."""
+    import jax
+
+    from mrcnn_jax.training import losses, targets
+    from mrcnn_jax.training.losses import LossSettings
+    if overrides:
+        cfg = copy.deepcopy(cfg)
+        cfg.conventions.update(overrides)
+    s = LossSettings.from_config(cfg)
+    at, rt = tg['anchors'], tg['rois']
+    obj, loc = losses.rpn_losses(*seen['rpn'], at, loss_type=s.rpn_box_loss.kind, beta=s.rpn_box_loss.beta,
+                                 normalizer=s.rpn_normalizer)
+    # Box head: Detectron2's rows are each image's sampled RoIs in our order; background last.
+    bsz, slots = rt.labels.shape
+    k = cfg.num_classes
+    scores, deltas = seen['cls'].numpy(), seen['deltas'].numpy()
+    n = (rt.weights > 0).sum(1)
+    assert n.sum() == len(scores) and all((rt.weights[i, :n[i]] > 0).all() for i in range(bsz))
+    start = np.concatenate([[0], np.cumsum(n)])
+    logits = np.zeros((bsz, slots, k), np.float32)
+    agnostic = deltas.shape[1] == 4                          # Cascade's stages
+    box_deltas = np.zeros((bsz, slots, 1 if agnostic else k, 4), np.float32)
+    for i in range(bsz):
+        rows = slice(start[i], start[i + 1])
+        logits[i, :n[i]] = np.concatenate([scores[rows, -1:], scores[rows, :-1]], axis=1)
+        box_deltas[i, :n[i], 0 if agnostic else 1:] = deltas[rows].reshape(n[i], -1, 4)
+    cls, box = losses.box_head_losses(logits, box_deltas, rt, loss_type=s.box_loss.kind, beta=s.box_loss.beta)
+    out = {'loss_rpn_cls': float(obj), 'loss_rpn_loc': float(loc), 'loss_cls': float(cls), 'loss_box_reg': float(box)}
+    if 'mask' not in seen:
+        return out
+    # Mask head: Detectron2's logits of the positives (first in the sample), at their GT class.
+    weights = tg['mask_weights']
+    r = weights.shape[1]
+    npos = (weights > 0).sum(1)
+    assert all(weights[i, :npos[i]].all() for i in range(bsz))
+    m = seen['mask'].numpy()
+    start = np.concatenate([[0], np.cumsum(npos)])
+    mask_logits = np.zeros((bsz, r) + m.shape[-2:], np.float32)
+    for i in range(bsz):
+        mask_logits[i, :npos[i]] = m[start[i]:start[i + 1]][np.arange(npos[i]), rt.labels[i, :npos[i]] - 1]
+    mt = tg['mask_targets']
+    if s.soft_mask_targets:
+        # Recomputed. (Hard targets are taken as computed: on a GT box's own RoI, 28 cells on a
+        # 112-cell crop sample midway between crop cells, so edge pixels are exact 0.5 ties that
+        # float rounding decides, e.g. differently in this eager call than under jit.)
+        mgt = rt.matched_gt[:, :r]
+        gt_boxes = np.take_along_axis(batch['gt_boxes'], mgt[..., None], axis=1)
+        gt_masks = np.take_along_axis(batch['gt_masks'], mgt[:, :, None, None], axis=1)
+        mt = jax.vmap(lambda ro, gb, gm: targets.mask_targets(ro, gb, gm, s.mask_resolution, soft=True))(
+            rt.rois[:, :r], gt_boxes, gt_masks)
+    mask, dlogits = jax.value_and_grad(losses.mask_head_loss)(mask_logits, mt, weights)
+    # The mask predictor's (1 x 1 conv, Detectron2's [K, C] layout) weight gradient, from the
+    # logits' gradient and the predictor's input.
+    feats = seen['mask_in'].numpy()
+    dlogits = np.asarray(dlogits)
+    predictor_grad = np.zeros((k - 1, feats.shape[1]), np.float64)
+    for i in range(bsz):
+        for j in range(npos[i]):
+            predictor_grad[rt.labels[i, j] - 1] += np.einsum('yx,cyx->c', dlogits[i, j], feats[start[i] + j])
+    return {**out, 'loss_mask': float(mask), 'mask_predictor_grad': predictor_grad}
+
+
+def _check_keypoint_rois(seen, tg, batch):
+    """Detectron2's keypoint head trains on the positive RoIs that keep a visible keypoint inside
+    them (`select_proposals_with_visible_keypoints`), ours on every positive with a target mask:
+    the RoIs without a valid keypoint add nothing to either loss. So Detectron2's RoIs must be our
+    positives with a valid keypoint, in order. Not degenerate: many valid keypoints, labelled ones
+    outside their RoI, positives that Detectron2's selection drops, heatmap logits of O(1)."""
+    rt, valid = tg['rois'], tg['keypoint_valid']             # valid [B, R, K]
+    r = valid.shape[1]
+    positive = (rt.labels[:, :r] > 0) & (rt.weights[:, :r] > 0)
+    keep = valid.any(-1)
+    assert not (keep & ~positive).any()
+    for i, theirs in enumerate(seen['keypoint_rois']):
+        assert len(theirs) == keep[i].sum(), \
+            f'image {i}: Detectron2 trains its keypoint head on {len(theirs)} RoIs, we on {keep[i].sum()}'
+        np.testing.assert_allclose(theirs, rt.rois[i, :r][keep[i]], atol=2e-3, rtol=0)
+    gt = np.take_along_axis(batch['gt_keypoints'], rt.matched_gt[:, :r, None, None], axis=1)
+    labelled = (gt[..., 2] > 0) & positive[..., None]
+    assert valid.sum() >= 100 and (labelled & ~valid).sum() >= 20, (valid.sum(), (labelled & ~valid).sum())
+    assert (positive & ~keep).any(), 'no positive RoI without a visible keypoint'
+    std = float(seen['keypoint'].std())
+    assert 0.5 < std < 10, f'heatmap logits degenerate: std {std:.2f}'
