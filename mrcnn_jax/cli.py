@@ -121,7 +121,7 @@ def _cmd_convert(args, overrides) -> int:
     import jax
     out = save_model_dir(args.output, p.config, jax.device_get(p.variables), meta)
     m = p.config.model
-    kind = 'Mask R-CNN' if m.mask_on else 'Faster R-CNN'
+    kind = 'Keypoint R-CNN' if m.keypoint_on else 'Mask R-CNN' if m.mask_on else 'Faster R-CNN'
     if m.roi.heads == 'cascade':
         kind = f'Cascade {kind}'
     arch = f'X{m.backbone.depth}-{m.backbone.groups}x{m.backbone.width_per_group}d' if m.backbone.groups > 1 \

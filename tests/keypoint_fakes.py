@@ -19,7 +19,7 @@ class GroundTruthPredictor:
     def __init__(self, config, annotations_json: str, *, num_keypoints: int | None = None,
                  default_image_id: int = 1):
         self.config = config
-        self.conventions = types.SimpleNamespace(mask_paste='padded_resize')
+        self.conventions = types.SimpleNamespace(mask_paste='padded_resize', keypoint_offset=0.0)
         self.label_ids = np.arange(config.model.num_classes)
         self.class_names = ['__background__'] + [f'class{i}' for i in range(1, config.model.num_classes)]
         self.batch_size = 1

@@ -19,8 +19,9 @@ person-keypoint split ('keypoints_coco_2017_train', NUM_CLASSES 1) label 1 is ca
 Keypoints: Detectron2's COCO loader adds 0.5 to every keypoint's x and y (pixel indices ->
 continuous coordinates) and its COCOEvaluator subtracts 0.5 before writing results. Its models
 are trained, and predict, in that continuous frame, and `Predictor` returns what Detectron2's
-model returns (`pred_keypoints` in original pixels, continuous frame). Scoring a Detectron2
-model's keypoints against COCO's json therefore needs the same -0.5 as COCOEvaluator.
+model returns (`pred_keypoints` in original pixels, continuous frame). Its conventions'
+`keypoint_offset` (0.5) does the rest: the input pipeline adds it to labelled keypoints and COCO
+evaluation subtracts it from predicted ones, as COCOEvaluator does.
 The checkpoint side is `convert/detectron2.py`.
 """
 

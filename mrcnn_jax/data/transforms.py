@@ -55,6 +55,7 @@ class PreprocessOptions:
     num_keypoints: int                 # 0: no keypoints in the output
     keypoint_flip_map: tuple[int, ...]
     class_table: tuple[int, ...]       # category id → class index (0: not a class)
+    keypoint_offset: float = 0.0       # added to labelled keypoints' x, y (conventions.keypoint_offset)
 
     @classmethod
     def from_config(cls, data, metadata: dict, *, conventions, train: bool, with_masks: bool,
@@ -81,6 +82,7 @@ class PreprocessOptions:
             mask_size=int(data.mask_size), with_masks=with_masks,
             num_keypoints=len(metadata['keypoint_names']) if with_keypoints else 0,
             keypoint_flip_map=tuple(metadata['keypoint_flip_map']) if with_keypoints else (),
+            keypoint_offset=float(getattr(conventions, 'keypoint_offset', 0.0)),
             class_table=tuple(int(v) for v in table))
 
 
@@ -281,6 +283,9 @@ def preprocess(parsed: dict, canvas_hw, seed, options: PreprocessOptions) -> dic
                                           [n_max, options.mask_size, options.mask_size])
     if options.num_keypoints:
         kps = tf.gather(parsed['keypoints'], keep)
+        # Detectron2 shifts COCO's pixel indices to continuous coordinates when it loads them,
+        # before flipping (x -> W - x) and resizing: so do we under its conventions
+        kps = kps + tf.constant([options.keypoint_offset, options.keypoint_offset, 0.0], kps.dtype)
         kps = tf.where(flip, flip_keypoints(kps, wf, options.keypoint_flip_map), kps)
         visible = kps[..., 2:3] > 0
         kps = tf.where(visible, kps * tf.stack([scale_w, scale_h, 1.0]), 0.0)

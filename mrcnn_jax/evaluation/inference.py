@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ def evaluate(cfg: ml_collections.ConfigDict, predictor, *, split: str = 'val', m
                               paste_rule=predictor.conventions.mask_paste,
                               kpt_oks_sigmas=kpt_oks_sigmas, verbose=verbose)
     with evaluator, tqdm(total=total, desc=f'eval {split}', unit='img', disable=not progress) as bar:
+        offset = predictor.conventions.keypoint_offset
         for image_id, pred in predictor.predict_iter(items, on_error=on_error):
+            if offset and 'keypoints' in pred:   # back to COCO's pixel indices (Detectron2's -0.5)
+                pred = {**pred, 'keypoints': pred['keypoints'] - np.asarray([offset, offset, 0.0], np.float32)}
             evaluator.add(image_id, pred)
             bar.update(1)
         if not evaluator.image_ids:

@@ -115,6 +115,12 @@ class Conventions:
     # logit at the keypoint ('logit'); Detectron2's is exp(that - max) over the sum of exp of the
     # 56 x 56 map ('pool_softmax', models/heads/keypoint.py). The location is the same.
     keypoint_score: str
+    # Keypoint coordinates: COCO's are pixel indices. Detectron2's loader adds 0.5 to x and y
+    # (continuous coordinates, the model is trained and predicts in that frame) and its
+    # COCOEvaluator subtracts 0.5 before writing results; torchvision uses them as given. The
+    # input pipeline adds `keypoint_offset` to labelled keypoints, COCO evaluation subtracts it
+    # from predicted ones; the Predictor returns the model's frame, as both references do.
+    keypoint_offset: float
 
     # -- classes -------------------------------------------------------------------------------
     class_layout: str
@@ -200,6 +206,7 @@ TORCHVISION = Conventions(
     anchor_rounding=True, anchor_strides='padded',
     roi_align_aligned=False, sampling_ratio=2, level_eps=1e-6, level_eps_in_log=False,
     rpn_min_size_strict=False, clip_output_boxes=False, mask_paste='padded_resize', keypoint_score='logit',
+    keypoint_offset=0.0,
     class_layout='background_first',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=1.0 / 9.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=1.0 / 9.0,
@@ -214,6 +221,7 @@ DETECTRON2 = Conventions(
     anchor_rounding=False, anchor_strides='nominal',
     roi_align_aligned=True, sampling_ratio=0, level_eps=1e-8, level_eps_in_log=True,
     rpn_min_size_strict=True, clip_output_boxes=True, mask_paste='pixel_centers', keypoint_score='pool_softmax',
+    keypoint_offset=0.5,
     class_layout='background_last',
     rpn_loss_type='smooth_l1', rpn_smooth_l1_beta=0.0,
     box_loss_type='smooth_l1', box_smooth_l1_beta=0.0,

@@ -168,6 +168,26 @@ def test_flip_is_consistent_for_image_boxes_masks_keypoints():
     np.testing.assert_array_equal(flip['gt_classes'].numpy(), plain['gt_classes'].numpy())
 
 
+def test_detectron2_keypoint_offset_is_added_before_flip_and_resize():
+    """conventions.keypoint_offset (Detectron2: 0.5, its loader's pixel index -> continuous
+    coordinate) moves labelled keypoints by offset x scale, flipped as Detectron2 flips them
+    (x + 0.5 -> W - x - 0.5); unlabelled ones stay (0, 0, 0)."""
+    rng = np.random.default_rng(5)
+    parsed, *_ = _parsed(rng, n=4, num_keypoints=3)
+    canvas, seed = tf.constant([128, 128]), tf.constant([1, 2], tf.int64)
+    for flip in (0.0, 1.0):
+        kw = dict(train=True, num_keypoints=3, keypoint_flip_map=(0, 2, 1), flip_prob=flip)
+        base = transforms.preprocess(parsed, canvas, seed, _options(**kw))
+        shifted = transforms.preprocess(parsed, canvas, seed, _options(keypoint_offset=0.5, **kw))
+        sh, sw = (float(v) for v in base['image_info'].numpy()[4:6])
+        k0, k1 = base['gt_keypoints'].numpy()[:4], shifted['gt_keypoints'].numpy()[:4]
+        vis = k0[..., 2] > 0
+        assert vis.sum() >= 4 and (~vis).sum() >= 1
+        np.testing.assert_allclose(k1[..., 0][vis] - k0[..., 0][vis], (-0.5 if flip else 0.5) * sw, atol=1e-4)
+        np.testing.assert_allclose(k1[..., 1][vis] - k0[..., 1][vis], 0.5 * sh, atol=1e-4)
+        assert (k1[~vis] == 0).all()
+
+
 def test_bgr_and_pixel_scale():
     opts = _options(channel_order='BGR', pixel_scale=1.0, pixel_mean=(103.53, 116.28, 123.675),
                     pixel_std=(1.0, 1.0, 1.0))

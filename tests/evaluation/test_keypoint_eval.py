@@ -62,6 +62,30 @@ def test_keypoint_ap_beside_box_ap_and_results_in_coco_keypoint_format(figures, 
     assert 0.0 < strict < ap < 1.0
 
 
+def test_detectron2_keypoint_offset_is_undone_in_the_results(figures, tmp_path):
+    """Under Detectron2's conventions the model predicts in its +0.5 frame: COCO evaluation
+    subtracts conventions.keypoint_offset, as Detectron2's COCOEvaluator does."""
+    ann = synthetic.ensure_synthetic(figures)['val'][0]
+    pred = GroundTruthPredictor(figures, ann)
+    pred.conventions.keypoint_offset = 0.5
+    truth = pred.prediction
+
+    def in_detectron2_frame(image_id):
+        p = truth(image_id)
+        p['keypoints'][..., :2] += 0.5
+        return p
+    pred.prediction = in_detectron2_frame
+    metrics = evaluate(figures, pred, out_dir=tmp_path, progress=False, verbose=False)
+    assert metrics['keypoints']['AP'] == pytest.approx(1.0)
+    gt = {a['id']: a for a in json.load(open(ann))['annotations']}
+    results = json.loads((tmp_path / 'results.json').read_text())
+    first = next(a for a in gt.values() if a['image_id'] == results[0]['image_id'] and a['num_keypoints'])
+    labelled = np.asarray(first['keypoints'], np.float32).reshape(-1, 3)[:, 2] > 0
+    ours = [np.asarray(r['keypoints'], np.float32).reshape(-1, 3) for r in results if r['image_id'] == first['image_id']]
+    truth_xy = np.asarray(first['keypoints'], np.float32).reshape(-1, 3)[labelled, :2]
+    assert any(np.allclose(o[labelled, :2], truth_xy, atol=1e-4) for o in ours)
+
+
 def test_keypoint_model_on_annotations_without_keypoints_gets_one_line_and_box_ap(tmp_path, capsys):
     cfg = load_config(CONFIG, [f'data.synthetic_dir={tmp_path}', 'data.synthetic_task=shapes',
                                'data.synthetic_num_train=1', 'data.synthetic_num_val=3',
