@@ -47,6 +47,7 @@ LONGEST_FIRST = (
     'tests/models/test_torchvision_parity.py',
     'tests/training/test_train_step.py',
     'tests/training/test_family_training.py',
+    'tests/models/test_torchvision_keypoint_parity.py',
     'tests/test_demo.py',
     'tests/training/test_losses.py',
     'tests/test_predictor.py',
