@@ -122,7 +122,7 @@ def predictions_to_json(pred: dict, class_names=None,
                         score_threshold: float = 0.0, mask_threshold: float = 0.5) -> list[dict]:
     """One dict per instance: box (xyxy, original pixels), score, label id and name, mask as COCO
     RLE (counts as str) when the model predicts masks, keypoints [[x, y, v], ...] (original
-    pixels) and keypoint_scores when it predicts keypoints."""
+    pixels) and keypoints_scores (the Predictor's name) when it predicts keypoints."""
     keep = np.nonzero(np.asarray(pred['scores']) >= score_threshold)[0]
     rles = None
     if pred.get('masks') is not None and len(keep):
@@ -142,6 +142,6 @@ def predictions_to_json(pred: dict, class_names=None,
         if pred.get('keypoints') is not None:
             item['keypoints'] = [[round(float(v), 2) for v in kp] for kp in np.asarray(pred['keypoints'][i])]
             if pred.get('keypoints_scores') is not None:
-                item['keypoint_scores'] = [round(float(v), 4) for v in np.asarray(pred['keypoints_scores'][i])]
+                item['keypoints_scores'] = [round(float(v), 4) for v in np.asarray(pred['keypoints_scores'][i])]
         out.append(item)
     return out

@@ -37,7 +37,7 @@ def test_draw_predictions_joins_keypoints_by_the_skeleton():
     assert tuple(hidden[80, 50]) == (0, 0, 0) and tuple(hidden[50, 35]) == (0, 0, 0)   # score -2
     [item] = visualize.predictions_to_json(_one_figure())
     assert item['keypoints'] == [[20.0, 20.0, 1.0], [80.0, 20.0, 1.0], [50.0, 80.0, 1.0]]
-    assert item['keypoint_scores'] == [5.0, 5.0, -2.0]
+    assert item['keypoints_scores'] == [5.0, 5.0, -2.0]
 
 
 def test_the_skeleton_of_each_model():
