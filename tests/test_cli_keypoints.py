@@ -85,7 +85,7 @@ def test_predict_draws_skeletons_and_writes_keypoints(figures, tmp_path, monkeyp
     first = [a for a in gt['annotations'] if a['image_id'] == 1]
     assert len(record['instances']) == len(first)
     kps = np.asarray(record['instances'][0]['keypoints'])
-    assert kps.shape == (13, 3) and len(record['instances'][0]['keypoint_scores']) == 13
+    assert kps.shape == (13, 3) and len(record['instances'][0]['keypoints_scores']) == 13
     np.testing.assert_allclose(kps[:, :2], np.reshape(first[0]['keypoints'], (13, 3))[:, :2], atol=0.01)
     # the skeleton comes from the model directory's metadata: one line, shoulder to shoulder
     drawn = np.asarray(Image.open(out / '000000.png')).astype(int)
