@@ -1,6 +1,8 @@
-"""RoI heads: what runs on the proposals. `StandardRoIHeads` composes a box head, a box predictor
-and an optional mask head (pluggable modules, `models/heads/`) with their poolers and test-time
-settings; `postprocess_detections` is a pure function of the box branch's outputs.
+"""RoI heads: what runs on the proposals. `StandardRoIHeads` composes a box head, a box predictor,
+an optional mask head and an optional keypoint head (Keypoint R-CNN; pluggable modules,
+`models/heads/`) with their poolers and test-time settings; `postprocess_detections` is a pure
+function of the box branch's outputs, `heads.keypoint.heatmaps_to_keypoints` of the keypoint
+branch's.
 
 Kinds of RoI heads are registered in `ROI_HEADS` under `model.roi.heads`: 'standard'
 (`StandardRoIHeads`, FPN), 'res5' (`Res5RoIHeads`, the paper's C4 head) and 'cascade'
