@@ -41,12 +41,13 @@ LONGEST_FIRST = (
     'tests/training/test_detectron2_loss_parity.py',
     'tests/training/test_multihost.py',
     'tests/training/test_resume.py',
-    'tests/training/test_family_training.py',
     'tests/training/test_multidevice.py',
     # after test_resume, not beside it: its step programs are test_resume's, from the compilation
     # cache the workers share (tests/training/train_helpers.py: shared_dirs)
     'tests/models/test_torchvision_parity.py',
     'tests/training/test_train_step.py',
+    # subprocess trainings: not beside test_multihost's two processes (measured: both slow down)
+    'tests/training/test_family_training.py',
     'tests/models/test_torchvision_keypoint_parity.py',
     'tests/test_demo.py',
     'tests/training/test_losses.py',

@@ -17,7 +17,7 @@ import pytest
 
 import train_helpers as th
 
-BATCH, LOSS_STEPS = 2, 60
+BATCH, LOSS_STEPS = 2, 50       # measured: the last 5 of 50 steps average 0.42 x the first loss
 FROZEN_PREFIXES = ('params/backbone/conv1/', 'params/backbone/layer1_')
 
 
@@ -115,14 +115,15 @@ def test_loop_reports_skipped_step_and_continues(res):
 def test_cpu_step_uses_the_memory_optimized_schedule():
     """On XLA:CPU the step is compiled with the memory-optimized scheduler (train_step.
     compiler_options): the tiny step's temporary buffers are smaller than under XLA's default,
-    concurrency-oriented order (22 MB against 54 MB when written)."""
+    concurrency-oriented order. Box-only (the scheduler is not about masks; half the compile
+    time): 11.7 MB against 31.4 MB, measured (22 MB against 54 MB with the mask head)."""
     import jax
     import jax.numpy as jnp
     from mrcnn_jax.config import load_config
     from mrcnn_jax.models.mask_rcnn import build_model
     from mrcnn_jax.training import optimizer, train_step as ts
     from mrcnn_jax.training.losses import LossSettings, make_loss_fn
-    cfg = load_config(th.REPO / 'configs' / 'tiny_test.py')
+    cfg = load_config(th.REPO / 'configs' / 'tiny_test.py', ['--config.model.mask_on=False'])
     model = build_model(cfg.model)
     rng = np.random.default_rng(0)
     b, g, n = 2, cfg.data.max_instances, 128
