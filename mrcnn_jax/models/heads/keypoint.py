@@ -206,7 +206,7 @@ def heatmaps_to_keypoints(maps: jnp.ndarray, rois: jnp.ndarray, canvas_hw: tuple
 
     c = min(candidate_cells, cells * cells)
     flat = bound.reshape(n, k, cells * cells)
-    top, cand = jax.lax.top_k(flat, c)
+    _, cand = jax.lax.top_k(flat, c)
     cy, cx = cand // cells - 1, cand % cells - 1
     ww = jnp.broadcast_to(wo[:, None], (n, k))
     ay, ax = (first_y, cell_y, t_y), (first_x, cell_x, t_x)
